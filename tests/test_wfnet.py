@@ -1,0 +1,387 @@
+"""Tests for wfnet.py: numbers against independent references, on tiny synthetic data."""
+import copy, gzip, json, math, pickle, struct, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.spatial.distance import jensenshannon
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import wfnet  # noqa: E402
+from wfnet import WFNet  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_models():
+    torch.manual_seed(0)
+    return {"resnet18": wfnet.ResNet18(5, 1, width=4).eval(),
+            "vit": wfnet.ViT(5, 1, 28, width=32, depth=1).eval(),
+            "small": nn.Sequential(nn.Conv2d(1, 3, 3, bias=True), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(3 * 26 * 26, 5)).eval()}
+
+
+def randomize(wf, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in wf.alpha:
+            a.copy_(torch.rand(a.shape, generator=g))
+    return wf
+
+
+def randomize_bn(model):
+    """Non-trivial BatchNorm statistics, so that eval-mode BN is not the identity."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+X = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+
+
+# ---------------------------------------------------------------- weight filtering
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit", "small"])
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_forget_none_is_the_wrapped_model(arch, granularity):
+    model = randomize_bn(tiny_models()[arch])
+    ref = model(X)
+    wf = randomize(WFNet(model, 5, granularity))
+    assert torch.equal(wf(X), ref)
+    assert torch.equal(wf(X, forget=None), ref)
+    wf0 = WFNet(tiny_models()[arch], 5, granularity)     # alpha = 1: the original exactly
+    assert torch.allclose(wf0(X, forget=3), wf0(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit", "small"])
+def test_channel_gate_equals_hand_scaled_weights(arch):
+    model = randomize_bn(tiny_models()[arch])
+    wf = randomize(WFNet(model, 5, "channel"))
+    for c in range(5):
+        ref = copy.deepcopy(model)
+        convs = [m for m in ref.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            for m, a in zip(convs, wf.alpha):
+                for k in range(m.weight.shape[0]):       # row k of W times a_k, one by one
+                    m.weight[k] *= a[c, k]
+        assert torch.allclose(wf(X, forget=c), ref(X), atol=1e-5)
+
+
+def test_weight_granularity_equals_functional_layers():
+    model = tiny_models()["small"]
+    wf = randomize(WFNet(model, 5, "weight"))
+    conv, lin = model[0], model[3]
+    for c in range(5):
+        a0 = wf.alpha[0][c].view_as(conv.weight)
+        a1 = wf.alpha[1][c].view_as(lin.weight)
+        h = F.relu(F.conv2d(X, conv.weight * a0, conv.bias))
+        ref = F.linear(h.flatten(1), lin.weight * a1, lin.bias)
+        assert torch.allclose(wf(X, forget=c), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit"])
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_export_equals_filtered_forward_and_loads_without_wfnet(arch, granularity):
+    model = randomize_bn(tiny_models()[arch])
+    wf = randomize(WFNet(model, 5, granularity))
+    for c in (0, 4):
+        exported = wf.export(forget=c)
+        assert torch.allclose(exported(X), wf(X, forget=c), atol=1e-5)
+        fresh = tiny_models()[arch]
+        fresh.load_state_dict(exported.state_dict())   # plain state_dict, same keys
+        assert torch.allclose(fresh(X), exported(X))
+    assert torch.equal(wf(X), model(X))                 # export left the wrapped model alone
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit"])
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_per_sample_batch_equals_one_pass_per_class(arch, granularity):
+    wf = randomize(WFNet(randomize_bn(tiny_models()[arch]), 5, granularity))
+    forget = torch.tensor([3, 0, 3, 4, 1, 0])
+    batched = wf(X, forget=forget)
+    for i, c in enumerate(forget.tolist()):
+        assert torch.allclose(batched[i], wf(X[i:i + 1], forget=c)[0], atol=1e-5)
+
+
+def test_gradients_reach_alpha_through_the_batched_gate():
+    wf = WFNet(tiny_models()["resnet18"], 5, "channel")
+    forget = torch.tensor([0, 1, 2, 0, 1, 2])
+    wf(X, forget=forget).sum().backward()
+    grads = wf.alpha[0].grad
+    assert grads[:3].abs().sum() > 0 and grads[3:].abs().sum() == 0  # rows 3, 4 unused
+    assert all(p.grad is None for p in wf.model.parameters())        # backbone frozen
+
+
+def test_forget_out_of_range_raises():
+    wf = WFNet(tiny_models()["small"], 5)
+    for bad in (5, -1, torch.tensor([0, 1, 2, 3, 4, 7])):
+        with pytest.raises(ValueError, match="out of range"):
+            wf(X, forget=bad)
+    with pytest.raises(ValueError, match="entries"):
+        wf(X, forget=torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        WFNet(tiny_models()["small"], 5, granularity="row")
+
+
+# ---------------------------------------------------------------- loss and untraining
+
+def test_loss_terms_on_a_hand_made_case():
+    nc = 4
+    logits_f = torch.zeros(2, nc)                       # uniform: CE = ln 4 for any label
+    logits_r = torch.tensor([[2.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 1.0, 0, 0]])
+    y_r = torch.tensor([0, 2, 3])
+    alpha = [torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 1.0, 1.0, 0.5]])]
+    loss, L_r, L_f, R = wfnet.wfnet_loss(logits_f, torch.tensor([1, 2]), logits_r, y_r, alpha,
+                                         lambda0=2.0, lambda1=3.0, lambda2=5.0)
+    ce = [-math.log(math.exp(2) / (math.exp(2) + 3)), -math.log(math.exp(3) / (math.exp(3) + 3)),
+          -math.log(1 / (math.e + 3))]
+    assert L_r.item() == pytest.approx(sum(ce) / 3, rel=1e-5)
+    assert L_f.item() == pytest.approx(1 / (math.log(4) + wfnet.EPS), rel=1e-5)
+    assert R.item() == pytest.approx((0 + 0.5 + 1 + 0 + 0 + 0.5) / 6, rel=1e-6)
+    assert loss.item() == pytest.approx(2 * L_r.item() + 3 * L_f.item() + 5 * R.item(), rel=1e-6)
+    # guard: a perfectly classified forget sample (CE = 0) gives a finite loss and gradient
+    logits = torch.tensor([[100.0, 0, 0, 0]], requires_grad=True)
+    loss, *_ = wfnet.wfnet_loss(logits, torch.tensor([0]), logits_r, y_r, alpha)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def synthetic_images(n, nc=10, seed=0, size=28):
+    """Class k: a bright 6x6 square at a class-specific place, plus noise. uint8 (n,1,28,28)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % nc
+    x = torch.rand(n, 1, size, size, generator=g) * 60
+    for i in range(n):
+        r, c = divmod(int(y[i]), 4)
+        x[i, 0, 2 + 8 * r:8 + 8 * r, 2 + 6 * c:8 + 6 * c] += 150
+    return x.clamp(0, 255).to(torch.uint8), y
+
+
+def test_alpha_moves_under_untraining():
+    x, y = synthetic_images(64)
+    spec = wfnet.DATASETS["mnist"]
+    wf = WFNet(tiny_models()["resnet18"].__class__(10, 1, 4), 10)
+    info = wfnet.untrain(wf, x, y, spec, epochs=2, batch_size=32, progress=False)
+    moved = max((1 - a).abs().max().item() for a in wf.alpha)
+    assert info["steps"] == 4 and len(info["history"]) == 4
+    assert moved > 1e-3, "alpha did not move: the gradient is dead at initialization"
+    assert all(a.min() >= 0 and a.max() <= 1 for a in wf.alpha)
+
+
+def test_untraining_is_deterministic():
+    x, y = synthetic_images(64)
+    spec = wfnet.DATASETS["mnist"]
+    alphas = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
+        wfnet.untrain(wf, x, y, spec, epochs=1, batch_size=32, seed=3, progress=False)
+        alphas.append(torch.cat([a.flatten() for a in wf.alpha]))
+    assert torch.equal(alphas[0], alphas[1])
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_js_and_zrf_against_scipy_and_by_hand():
+    p = torch.tensor([[0.5, 0.5], [0.2, 0.8], [1.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.0, 1.0]])
+    js = wfnet.js_divergence(p, q)
+    ref = [jensenshannon(a, b) ** 2 for a, b in zip(p.numpy(), q.numpy())]  # natural log
+    assert js.numpy() == pytest.approx(ref, rel=1e-5)
+    # by hand: m = (.75, .25); 0.5 * (0.5 ln(2/3) + 0.5 ln 2) + 0.5 * ln(4/3)
+    assert js[0].item() == pytest.approx(0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+                                         + 0.5 * math.log(4 / 3), rel=1e-6)
+    assert js[2].item() == pytest.approx(math.log(2), rel=1e-6)   # disjoint: ln 2
+    assert wfnet.zrf_score(p, p) == pytest.approx(1.0)
+    assert wfnet.zrf_score(p[2:], q[2:]) == pytest.approx(1 - math.log(2), rel=1e-6)
+
+
+def test_mia_efficacy_on_separable_confidences():
+    g = torch.Generator().manual_seed(0)
+    members = 0.9 + 0.1 * torch.rand(500, generator=g)       # confident: members
+    nonmembers = 0.4 * torch.rand(500, generator=g)          # unconfident: non-members
+    low = 0.3 * torch.rand(200, generator=g)
+    high = 0.92 + 0.08 * torch.rand(200, generator=g)
+    assert wfnet.mia_efficacy(members, nonmembers, low) == pytest.approx(1.0)
+    assert wfnet.mia_efficacy(members, nonmembers, high) == pytest.approx(0.0)
+    mixed = torch.cat([low[:100], high[:100]])
+    assert wfnet.mia_efficacy(members, nonmembers, mixed) == pytest.approx(0.5, abs=0.02)
+
+
+# ---------------------------------------------------------------- data loaders
+
+def write_idx(path, array, gz):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_mnist_like(root, folder, n_train, n_test, gz=True, seed=0):
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        x, y = synthetic_images(n, seed=seed + (split == "test"))
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x[:, 0].numpy(), gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y.numpy(), gz)
+        data[split] = (x, y)
+    return data
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_loader_reads_torchvision_layout(tmp_path, gz):
+    ref = write_mnist_like(tmp_path, "MNIST", 30, 20, gz)
+    d = wfnet.load_dataset("mnist", tmp_path)
+    for split in ("train", "test"):
+        assert torch.equal(d[split][0], ref[split][0]) and torch.equal(d[split][1], ref[split][1])
+    assert d["train"][0].shape == (30, 1, 28, 28) and d["train"][1].dtype == torch.long
+
+
+def test_fashion_mnist_falls_back_to_debian_folder(tmp_path, monkeypatch):
+    ref = write_mnist_like(tmp_path / "deb", "x", 12, 8)
+    monkeypatch.setattr(wfnet, "DEBIAN_FASHION", str(tmp_path / "deb" / "x" / "raw"))
+    d = wfnet.load_dataset("fashion-mnist", tmp_path / "empty")
+    assert torch.equal(d["test"][0], ref["test"][0])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loader_reads_torchvision_pickles(tmp_path, name):
+    g = np.random.default_rng(0)
+    folder = tmp_path / wfnet.DATASETS[name]["folder"]
+    folder.mkdir()
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    key = b"labels"
+    if name == "cifar100":
+        files, key = ["train", "test"], b"fine_labels"
+    batches = {}
+    for f in files:
+        batches[f] = (g.integers(0, 256, (4, 3072), dtype=np.uint8), list(g.integers(0, 10, 4)))
+        with open(folder / f, "wb") as fh:
+            pickle.dump({b"data": batches[f][0], key: batches[f][1]}, fh)
+    d = wfnet.load_dataset(name, tmp_path)
+    test = batches[files[-1]]
+    assert d["test"][0].shape == (4, 3, 32, 32)
+    assert torch.equal(d["test"][0].reshape(4, -1), torch.from_numpy(test[0]))
+    assert d["test"][1].tolist() == [int(v) for v in test[1]]
+    assert len(d["train"][0]) == 4 * (len(files) - 1)
+
+
+def test_augmentation_is_a_crop_of_the_padded_image():
+    spec = dict(wfnet.DATASETS["mnist"], mean=(0.0,), std=(1.0,))
+    x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    out = wfnet.transform(x, spec, augment=True, gen=torch.Generator().manual_seed(0))
+    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
+    for i in range(8):                                  # some 28x28 window of the padded image
+        windows = padded[i, 0].unfold(0, 28, 1).unfold(1, 28, 1)      # (5, 5, 28, 28)
+        assert (windows == out[i, 0]).all(-1).all(-1).any()
+
+
+# ---------------------------------------------------------------- command line
+
+def cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        wfnet.main(args)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+FAST = ["--width", "4", "--epochs", "1", "--untrain-epochs", "1", "--batch-size", "32",
+        "--untrain-batch-size", "32", "--no-progress", "--dataset", "mnist"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--arch", "vgg"], "unknown arch"),
+    (["--granularity", "row"], "unknown granularity"),
+    (["--forget", "10"], "out of range"),
+    (["--device", "tpu"], "unknown device"),
+    (["--epochs", "0"], "must be >= 1"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys, tmp_path):
+    code, err = cli(args + ["--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_where_there_is_none(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = cli(["--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device" in err and len(err.splitlines()) == 1
+
+
+def test_missing_data_offline(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    code, err = cli(FAST + ["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                    capsys)
+    assert code == 2 and "not found" in err and "download failed" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 40, 20)
+    out = tmp_path / "o"
+    out.mkdir()
+    base = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    (out / "original.pt").write_bytes(b"PK\x03\x04 truncated")
+    code, err = cli(base, capsys)
+    assert code == 2 and "not a readable wfnet checkpoint" in err and len(err.splitlines()) == 1
+    assert not (out / "results.json").exists() and not (out / "wfnet.pt").exists()
+    wfnet.save_checkpoint(out / "original.pt", dict(dataset="cifar10", arch="resnet18",
+                                                    num_classes=10), {})
+    code, err = cli(base, capsys)
+    assert code == 2 and "dataset='cifar10'" in err
+    wfnet.save_checkpoint(out / "original.pt", dict(dataset="mnist", arch="vit",
+                                                    num_classes=10), {})
+    code, err = cli(base, capsys)
+    assert code == 2 and "arch='vit'" in err
+    other = tmp_path / "other.pt"
+    wfnet.save_checkpoint(other, dict(dataset="mnist", arch="resnet18", num_classes=100), {})
+    code, err = cli(base + ["--checkpoint", str(other)], capsys)
+    assert code == 2 and "num_classes=100" in err
+    wfnet.save_checkpoint(other, dict(dataset="mnist", arch="resnet18", num_classes=10),
+                          wfnet.ResNet18(10, 1, 8).state_dict())
+    code, err = cli(base + ["--checkpoint", str(other)], capsys)
+    assert code == 2 and "does not fit" in err
+    assert not (out / "results.json").exists()
+    torch.save({"meta": {}, "state_dict": {}, "x": nn.Linear(2, 2)}, other)  # not weights-only
+    code, err = cli(base + ["--checkpoint", str(other)], capsys)
+    assert code == 2 and "not a readable" in err
+
+
+def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
+    """A tiny real run: untraining lowers Acc_f far below the original and keeps Acc_r."""
+    write_mnist_like(tmp_path / "data", "MNIST", 400, 200)
+    out = tmp_path / "o"
+    args = ["--dataset", "mnist", "--width", "8", "--epochs", "3", "--batch-size", "32",
+            "--lr", "0.05", "--untrain-epochs", "6", "--untrain-batch-size", "32",
+            "--untrain-lr", "0.05", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+            "--no-progress", "--forget", "2"]
+    res = wfnet.run(wfnet.parse_args(args))
+    orig = res["original"]["test_acc"]
+    assert orig > 90                                    # the synthetic task is easy
+    assert res["mean"]["acc_f_test"] < 15               # was ~orig before untraining
+    assert res["mean"]["acc_r_drop_test"] < 5
+    assert 1 - math.log(2) <= res["mean"]["zrf"] <= 1
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["mean"] == pytest.approx(res["mean"])
+    assert len(saved["matrix_test"]) == 10 and len(saved["per_class"]) == 10
+    assert (out / "matrix.png").stat().st_size > 0 and (out / "alpha.png").stat().st_size > 0
+    exported = torch.load(out / "forget_2.pt", weights_only=True)
+    model = wfnet.ResNet18(10, 1, 8)
+    model.load_state_dict(exported["state_dict"])
+    capsys.readouterr()
+    wfnet.run(wfnet.parse_args(args))                   # second run reuses both checkpoints
+    printed = capsys.readouterr().out
+    assert "reusing the original model" in printed and "reusing the memory matrices" in printed
+    assert not list(out.glob("*.tmp"))
