@@ -586,7 +586,7 @@ def save_plots(wf, results, out, names):
     for ax, n, a in zip(axes.flat, wf.names, wf.alpha):
         a = a.detach().float().cpu()
         a = a[:, a.mean(0).argsort()]                     # (N_c, K_l), columns by mean alpha
-        ax.imshow(a, aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
+        ax.imshow(a.numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
         ax.set_title(n, fontsize=7)
         ax.set_yticks([])
         ax.set_xticks([])

