@@ -32,7 +32,7 @@ from einops.layers.torch import Rearrange
 
 COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128, lr=0.1,
               weight_decay=5e-4, untrain_batch_size=128, untrain_lr=1e-2, T=4,
-              lambda0=1.0, lambda1=1.0, lambda2=1.0, granularity="channel", seed=0,
+              lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", seed=0,
               data_dir="data", out=None, device="auto", compile=False)
 PRESETS = {
     "quick": dict(width=16, epochs=2, untrain_epochs=1, eval_train=10000),
