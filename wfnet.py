@@ -30,13 +30,17 @@ from einops.layers.torch import Rearrange
 # defaults: "quick" finishes on a 2-core CPU; "full" is the paper-scale GPU run.
 # Every value can be overridden from the command line (--epochs 15, --lambda1 2, ...).
 
-COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128, lr=0.1,
-              weight_decay=5e-4, untrain_batch_size=128, untrain_lr=1e-2, T=4,
+COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128,
+              untrain_batch_size=128, untrain_lr=1e-2, T=4,
               lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", seed=0,
               data_dir="data", out=None, device="auto", compile=False)
 PRESETS = {
     "quick": dict(width=16, epochs=2, untrain_epochs=1, eval_train=10000),
     "full": dict(width=64, epochs=30, untrain_epochs=5, eval_train=0),  # 0 = whole train set
+}
+ARCHS = {  # per backbone: optimizer of the original model, and width as (quick, full)
+    "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, width=(16, 64)),
+    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, width=(128, 256)),
 }
 EPS = 1e-2  # guard of the 1/CE forget term: 1 / (CE + EPS) stays finite, gradient stays alive
 
@@ -429,15 +433,17 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
 # on-device augmentation.
 
 def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
-                   autocast=contextlib.nullcontext, progress=True):
+                   autocast=contextlib.nullcontext, progress=True, optimizer="sgd"):
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * (len(x) // batch_size)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=weight_decay),
-                           dict(params=no_decay, weight_decay=0)], lr=lr, momentum=0.9,
-                          nesterov=True)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
+    if optimizer == "adamw":                              # the usual choice for ViTs
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     warm = max(1, int(0.2 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / (steps - warm)))
@@ -649,7 +655,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, help="ResNet base width (64 = ResNet-18) or ViT dim")
     p.add_argument("--epochs", type=int, help="epochs of the original model")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak SGD learning rate of the original model")
+    p.add_argument("--lr", type=float, help="peak learning rate of the original model")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--untrain-epochs", type=int)
     p.add_argument("--untrain-batch-size", type=int, help="B: half forget, half retain")
@@ -679,14 +685,16 @@ def parse_args(argv=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise WFError("--device cuda was asked for, but no CUDA device is available here")
     preset = args.preset if args.preset != "auto" else ("full" if device != "cpu" else "quick")
-    cfg = {**COMMON, **PRESETS[preset], "preset": preset}
+    arch = args.arch or COMMON["arch"]
+    if arch not in ARCHS:
+        raise WFError(f"unknown arch {arch!r}; choose resnet18 or vit")
+    cfg = {**COMMON, **PRESETS[preset], **ARCHS[arch], "preset": preset}
+    cfg["width"] = ARCHS[arch]["width"][preset == "full"]
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
     cfg.update(device=device, checkpoint=args.checkpoint, forget=args.forget,
                progress=not args.no_progress)
     if cfg["dataset"] not in DATASETS:
         raise WFError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
-    if cfg["arch"] not in ("resnet18", "vit"):
-        raise WFError(f"unknown arch {cfg['arch']!r}; choose resnet18 or vit")
     if cfg["granularity"] not in ("channel", "weight"):
         raise WFError(f"unknown granularity {cfg['granularity']!r}; choose channel or weight")
     nc = DATASETS[cfg["dataset"]]["classes"]
@@ -711,8 +719,8 @@ def run(cfg):
     out.mkdir(parents=True, exist_ok=True)
     make = lambda: build_model(cfg["arch"], nc, shape[0], shape[1], cfg["width"]).to(dev)
     ident = dict(dataset=cfg["dataset"], arch=cfg["arch"], num_classes=nc)
-    orig_meta = {**ident, **{k: cfg[k] for k in ("width", "epochs", "batch_size", "lr",
-                                                  "weight_decay", "seed")}}
+    orig_meta = {**ident, **{k: cfg[k] for k in ("width", "epochs", "batch_size", "optimizer",
+                                                  "lr", "weight_decay", "seed")}}
     memory = torch.channels_last if cuda else torch.contiguous_format
 
     # 1. the original model: load --checkpoint, reuse <out>/original.pt, or train it
@@ -735,7 +743,8 @@ def run(cfg):
         net = torch.compile(model) if cfg["compile"] else model
         t0 = time.time()
         train_original(net, x_tr, y_tr, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
-                       cfg["weight_decay"], cfg["seed"], autocast, cfg["progress"])
+                       cfg["weight_decay"], cfg["seed"], autocast, cfg["progress"],
+                       cfg["optimizer"])
         t_pre = time.time() - t0
         save_checkpoint(out / "original.pt", {**orig_meta, "train_seconds": t_pre},
                         model.state_dict())

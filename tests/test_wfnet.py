@@ -385,3 +385,12 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reusing the original model" in printed and "reusing the memory matrices" in printed
     assert not list(out.glob("*.tmp"))
+
+
+def test_presets_and_flags_resolve():
+    cfg = wfnet.parse_args(["--device", "cpu"])
+    assert (cfg["preset"], cfg["arch"], cfg["width"], cfg["optimizer"]) == ("quick", "resnet18", 16, "sgd")
+    cfg = wfnet.parse_args(["--device", "cpu", "--arch", "vit"])
+    assert (cfg["width"], cfg["optimizer"], cfg["lr"]) == (128, "adamw", 1e-3)
+    cfg = wfnet.parse_args(["--device", "cpu", "--preset", "full", "--width", "8", "-T", "2"])
+    assert (cfg["width"], cfg["epochs"], cfg["T"], cfg["eval_train"]) == (8, 30, 2, 0)
