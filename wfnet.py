@@ -688,9 +688,10 @@ def parse_args(argv=None):
     arch = args.arch or COMMON["arch"]
     if arch not in ARCHS:
         raise WFError(f"unknown arch {arch!r}; choose resnet18 or vit")
-    cfg = {**COMMON, **PRESETS[preset], **ARCHS[arch], "preset": preset}
+    cfg = {**COMMON, **PRESETS[preset], **ARCHS[arch]}
     cfg["width"] = ARCHS[arch]["width"][preset == "full"]
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
+    cfg["preset"] = preset
     cfg.update(device=device, checkpoint=args.checkpoint, forget=args.forget,
                progress=not args.no_progress)
     if cfg["dataset"] not in DATASETS:
