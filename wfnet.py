@@ -100,7 +100,12 @@ def _load_idx_dataset(name, spec, data_dir):
     dirs = [data_dir / spec["folder"] / "raw", data_dir / spec["folder"]]
     if name == "fashion-mnist":
         dirs.append(Path(DEBIAN_FASHION))
-    found = _find_idx(dirs) or _download(name, spec, data_dir, dirs) and _find_idx(dirs)
+    found = _find_idx(dirs)
+    if found is None:
+        _download(name, spec, data_dir, dirs)
+        found = _find_idx(dirs)
+    if found is None:
+        raise WFError(f"{name}: the download finished, but its files are not in {dirs[0]}")
     out = {}
     for split, (images, labels) in found.items():
         out[split] = (_read_idx(images).unsqueeze(1), _read_idx(labels).long())  # (N,1,28,28), (N,)
@@ -136,7 +141,6 @@ def _download(name, spec, data_dir, tried):
         hint = " or run `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else ""
         raise WFError(f"{name} not found in {where} and the download failed ({type(e).__name__}); "
                       f"put torchvision's files under --data-dir{hint}") from None
-    return True
 
 
 def load_dataset(name, data_dir="data", device="cpu"):
