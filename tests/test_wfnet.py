@@ -378,7 +378,7 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     assert len(saved["matrix_test"]) == 10 and len(saved["per_class"]) == 10
     assert (out / "matrix.png").stat().st_size > 0 and (out / "alpha.png").stat().st_size > 0
     exported = torch.load(out / "forget_2.pt", weights_only=True)
-    model = wfnet.ResNet18(10, 1, 8)
+    model = wfnet.ResNet18(10, 1, 4)
     model.load_state_dict(exported["state_dict"])
     capsys.readouterr()
     wfnet.run(wfnet.parse_args(args))                   # second run reuses both checkpoints
