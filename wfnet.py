@@ -641,6 +641,11 @@ def _check_identity(path, meta, want):
                           f"use another --out")
 
 
+def _matches(meta, want):
+    """A checkpoint is reused only when every setting that made it equals this run's."""
+    return all(meta.get(k) == v for k, v in want.items())
+
+
 def _write_json(path, obj):
     tmp = str(path) + ".tmp"
     with open(tmp, "w") as f:
@@ -733,8 +738,7 @@ def run(cfg):
     ckpt = load_checkpoint(orig_path) if orig_path.exists() or cfg["checkpoint"] else None
     if ckpt is not None:
         _check_identity(orig_path, ckpt["meta"], ident)
-    if ckpt is not None and (cfg["checkpoint"] or all(ckpt["meta"].get(k) == v
-                                                      for k, v in orig_meta.items())):
+    if ckpt is not None and (cfg["checkpoint"] or _matches(ckpt["meta"], orig_meta)):
         try:
             model.load_state_dict(ckpt["state_dict"])
         except RuntimeError:
@@ -764,8 +768,7 @@ def run(cfg):
     ckpt = load_checkpoint(wf_path) if wf_path.exists() else None
     if ckpt is not None:
         _check_identity(wf_path, ckpt["meta"], ident)
-    if ckpt is not None and not cfg["checkpoint"] and ckpt["meta"] == {**wf_meta, **{
-            "untrain_seconds": ckpt["meta"].get("untrain_seconds")}}:
+    if ckpt is not None and not cfg["checkpoint"] and _matches(ckpt["meta"], wf_meta):
         wf.alpha.load_state_dict(ckpt["state_dict"])
         t_un = ckpt["meta"]["untrain_seconds"]
         print(f"reusing the memory matrices from {wf_path} (untrained in {t_un:.0f} s)")
