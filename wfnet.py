@@ -31,16 +31,16 @@ from einops.layers.torch import Rearrange
 # Every value can be overridden from the command line (--epochs 15, --lambda1 2, ...).
 
 COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128,
-              untrain_batch_size=128, untrain_lr=1e-2, T=4,
+              untrain_batch_size=128, T=4,
               lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", seed=0,
               data_dir="data", out=None, device="auto", compile=False)
 PRESETS = {
-    "quick": dict(width=16, epochs=2, untrain_epochs=1, eval_train=10000),
-    "full": dict(width=64, epochs=30, untrain_epochs=5, eval_train=0),  # 0 = whole train set
+    "quick": dict(epochs=3, augment=False, untrain_epochs=0.8, untrain_lr=0.05, eval_train=10000),
+    "full": dict(epochs=30, augment=True, untrain_epochs=5, untrain_lr=0.01, eval_train=0),
 }
-ARCHS = {  # per backbone: optimizer of the original model, and width as (quick, full)
-    "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, width=(16, 64)),
-    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, width=(128, 256)),
+ARCHS = {  # per backbone: optimizer of the original model; width (and stem stride) as (quick, full)
+    "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, width=(16, 64), stem_stride=(2, 1)),
+    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, width=(64, 256)),
 }
 EPS = 1e-2  # guard of the 1/CE forget term: 1 / (CE + EPS) stays finite, gradient stays alive
 
@@ -201,9 +201,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    def __init__(self, num_classes, in_channels=3, width=64):
+    def __init__(self, num_classes, in_channels=3, width=64, stem_stride=1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         blocks, cin = [], width
         for i, stride in enumerate([1, 2, 2, 2]):
@@ -214,7 +214,7 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        x = self.layers(self.stem(x))                     # (B, 8w, H/8, W/8)
+        x = self.layers(self.stem(x))                     # (B, 8w, H/8s, W/8s), s = stem stride
         return self.fc(x.mean(dim=(2, 3)))                # (B, N_c)
 
 
@@ -261,9 +261,9 @@ class ViT(nn.Module):
         return self.head(self.ln(x).mean(dim=1))          # (B, N_c), mean-pooled tokens
 
 
-def build_model(arch, num_classes, in_channels, image_size, width):
+def build_model(arch, num_classes, in_channels, image_size, width, stem_stride=1):
     if arch == "resnet18":
-        return ResNet18(num_classes, in_channels, width)
+        return ResNet18(num_classes, in_channels, width, stem_stride)
     if arch == "vit":
         return ViT(num_classes, in_channels, image_size, width)
     raise WFError(f"unknown arch {arch!r}; choose resnet18 or vit")
@@ -395,7 +395,7 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     n, half, nc = len(x), batch_size // 2, wf.num_classes
-    steps = epochs * (n // batch_size)
+    steps = max(1, round(epochs * (n // batch_size)))     # epochs may be fractional (0.5)
     opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     history, skipped, perm = [], 0, torch.empty(0, dtype=torch.long)
@@ -406,6 +406,7 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
             perm = torch.randperm(n, generator=gen)
         idx, perm = perm[:batch_size].to(x.device), perm[batch_size:]
         xb, yb = transform(x[idx], spec, augment=True, gen=gen), y[idx]
+        xb = xb.contiguous(memory_format=torch.channels_last)
         xf, yf, xr, yr = xb[:half], yb[:half], xb[half:], yb[half:]
         shift = torch.randint(1, nc, (T, len(yr)), generator=gen).to(yr.device)
         cr = (yr + shift) % nc                            # (T, B/2): a random row != label
@@ -437,7 +438,7 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
 # on-device augmentation.
 
 def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
-                   autocast=contextlib.nullcontext, progress=True, optimizer="sgd"):
+                   autocast=contextlib.nullcontext, progress=True, optimizer="sgd", augment=True):
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * (len(x) // batch_size)
@@ -457,7 +458,7 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
         perm = torch.randperm(len(x), generator=gen)
         for i in range(len(x) // batch_size):
             idx = perm[i * batch_size:(i + 1) * batch_size].to(x.device)
-            xb = transform(x[idx], spec, augment=True, gen=gen)
+            xb = transform(x[idx], spec, augment, gen).contiguous(memory_format=torch.channels_last)
             with autocast():
                 loss = F.cross_entropy(model(xb).float(), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -485,7 +486,7 @@ def predict(net, x, spec, forget=None, batch_size=1000, autocast=contextlib.null
     """Softmax probabilities (N, N_c) of `net` (a WFNet when forget is given) on uint8 x."""
     out = []
     for i in range(0, len(x), batch_size):
-        xb = transform(x[i:i + batch_size], spec)
+        xb = transform(x[i:i + batch_size], spec).contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = net(xb) if forget is None else net(xb, forget=forget)
         out.append(logits.float().softmax(-1))
@@ -662,11 +663,14 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="mnist | fashion-mnist | cifar10 | cifar100")
     p.add_argument("--arch", help="resnet18 | vit")
     p.add_argument("--width", type=int, help="ResNet base width (64 = ResNet-18) or ViT dim")
+    p.add_argument("--stem-stride", type=int, help="ResNet stem stride: 1 (CIFAR stem) or 2")
     p.add_argument("--epochs", type=int, help="epochs of the original model")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate of the original model")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="crop/flip augmentation of the original model's training")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--untrain-epochs", type=int)
+    p.add_argument("--untrain-epochs", type=float, help="may be fractional, e.g. 0.6")
     p.add_argument("--untrain-batch-size", type=int, help="B: half forget, half retain")
     p.add_argument("--untrain-lr", type=float, help="Adam learning rate of alpha")
     p.add_argument("-T", "--T", type=int, dest="T", help="retain label expansion")
@@ -698,7 +702,9 @@ def parse_args(argv=None):
     if arch not in ARCHS:
         raise WFError(f"unknown arch {arch!r}; choose resnet18 or vit")
     cfg = {**COMMON, **PRESETS[preset], **ARCHS[arch]}
-    cfg["width"] = ARCHS[arch]["width"][preset == "full"]
+    for k in ("width", "stem_stride"):
+        if k in ARCHS[arch]:
+            cfg[k] = ARCHS[arch][k][preset == "full"]
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
     cfg["preset"] = preset
     cfg.update(device=device, checkpoint=args.checkpoint, forget=args.forget,
@@ -710,9 +716,11 @@ def parse_args(argv=None):
     nc = DATASETS[cfg["dataset"]]["classes"]
     if cfg["forget"] is not None and not 0 <= cfg["forget"] < nc:
         raise WFError(f"--forget {cfg['forget']} is out of range 0..{nc - 1} for {cfg['dataset']}")
-    if min(cfg["epochs"], cfg["untrain_epochs"], cfg["T"], cfg["width"]) < 1 or cfg["batch_size"] < 2 \
-            or cfg["untrain_batch_size"] < 2:
-        raise WFError("epochs, untrain epochs, T and width must be >= 1, batch sizes >= 2")
+    if min(cfg["epochs"], cfg["T"], cfg["width"]) < 1 or cfg["untrain_epochs"] <= 0 \
+            or min(cfg["batch_size"], cfg["untrain_batch_size"]) < 2:
+        raise WFError("epochs, T and width must be >= 1, untrain epochs > 0, batch sizes >= 2")
+    if cfg.get("stem_stride", 1) not in (1, 2):
+        raise WFError(f"--stem-stride must be 1 or 2, not {cfg['stem_stride']}")
     cfg["out"] = cfg["out"] or f"runs/{cfg['dataset']}-{cfg['arch']}"
     return cfg
 
@@ -727,17 +735,22 @@ def run(cfg):
     x_tr, y_tr = data["train"]
     nc, shape = spec["classes"], x_tr.shape[1:]           # (C, H, W)
     out.mkdir(parents=True, exist_ok=True)
-    make = lambda: build_model(cfg["arch"], nc, shape[0], shape[1], cfg["width"]).to(dev)
+    make = lambda: build_model(cfg["arch"], nc, shape[0], shape[1], cfg["width"],
+                               cfg.get("stem_stride", 1)).to(dev, memory_format=torch.channels_last)
     ident = dict(dataset=cfg["dataset"], arch=cfg["arch"], num_classes=nc)
-    orig_meta = {**ident, **{k: cfg[k] for k in ("width", "epochs", "batch_size", "optimizer",
-                                                  "lr", "weight_decay", "seed")}}
-    memory = torch.channels_last if cuda else torch.contiguous_format
+    orig_meta = {**ident, **{k: cfg[k] for k in ("width", "stem_stride", "epochs", "batch_size",
+                                                  "augment", "optimizer", "lr", "weight_decay",
+                                                  "seed") if k in cfg}}
 
     # 1. the original model: load --checkpoint, reuse <out>/original.pt, or train it
     model, orig_path = make(), Path(cfg["checkpoint"] or out / "original.pt")
     ckpt = load_checkpoint(orig_path) if orig_path.exists() or cfg["checkpoint"] else None
     if ckpt is not None:
         _check_identity(orig_path, ckpt["meta"], ident)
+        for k in ("width", "stem_stride"):                # same shapes, other network: say so
+            if cfg["checkpoint"] and k in ckpt["meta"] and ckpt["meta"][k] != cfg.get(k):
+                raise WFError(f"{orig_path} was trained with {k}={ckpt['meta'][k]}; pass "
+                              f"--{k.replace('_', '-')} {ckpt['meta'][k]}")
     if ckpt is not None and (cfg["checkpoint"] or _matches(ckpt["meta"], orig_meta)):
         try:
             model.load_state_dict(ckpt["state_dict"])
@@ -748,17 +761,16 @@ def run(cfg):
     else:
         if ckpt is not None:
             print(f"{orig_path} was trained with other settings; training a new one")
-        model = model.to(memory_format=memory)
         net = torch.compile(model) if cfg["compile"] else model
         t0 = time.time()
         train_original(net, x_tr, y_tr, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
                        cfg["weight_decay"], cfg["seed"], autocast, cfg["progress"],
-                       cfg["optimizer"])
+                       cfg["optimizer"], cfg["augment"])
         t_pre = time.time() - t0
         save_checkpoint(out / "original.pt", {**orig_meta, "train_seconds": t_pre},
                         model.state_dict())
         print(f"trained the original model in {t_pre:.0f} s -> {out / 'original.pt'}")
-    model = model.to(memory_format=memory).eval()
+    model = model.eval()
 
     # 2. untraining: one round, all classes
     wf = WFNet(model, nc, cfg["granularity"])

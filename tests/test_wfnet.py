@@ -303,6 +303,8 @@ FAST = ["--width", "4", "--epochs", "1", "--untrain-epochs", "1", "--batch-size"
     (["--forget", "10"], "out of range"),
     (["--device", "tpu"], "unknown device"),
     (["--epochs", "0"], "must be >= 1"),
+    (["--untrain-epochs", "0"], "untrain epochs > 0"),
+    (["--stem-stride", "3"], "--stem-stride must be 1 or 2"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, err = cli(args + ["--out", str(tmp_path / "o")], capsys)
@@ -353,6 +355,10 @@ def test_bad_checkpoints(tmp_path, capsys):
                           wfnet.ResNet18(10, 1, 8).state_dict())
     code, err = cli(base + ["--checkpoint", str(other)], capsys)
     assert code == 2 and "does not fit" in err
+    wfnet.save_checkpoint(other, dict(dataset="mnist", arch="resnet18", num_classes=10, width=4,
+                                      stem_stride=1), wfnet.ResNet18(10, 1, 4).state_dict())
+    code, err = cli(base + ["--checkpoint", str(other)], capsys)  # same shapes, other network
+    assert code == 2 and "pass --stem-stride 1" in err
     assert not (out / "results.json").exists()
     torch.save({"meta": {}, "state_dict": {}, "x": nn.Linear(2, 2)}, other)  # not weights-only
     code, err = cli(base + ["--checkpoint", str(other)], capsys)
@@ -364,8 +370,8 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", "MNIST", 300, 200)
     out = tmp_path / "o"
     args = ["--dataset", "mnist", "--width", "4", "--epochs", "3", "--batch-size", "32",
-            "--lr", "0.05", "--untrain-epochs", "6", "--untrain-batch-size", "32",
-            "--untrain-lr", "0.04", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+            "--lr", "0.05", "--untrain-epochs", "12", "--untrain-batch-size", "32",
+            "--untrain-lr", "0.08", "--data-dir", str(tmp_path / "data"), "--out", str(out),
             "--no-progress", "--forget", "2"]
     res = wfnet.run(wfnet.parse_args(args))
     orig = res["original"]["test_acc"]
@@ -390,7 +396,12 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
 def test_presets_and_flags_resolve():
     cfg = wfnet.parse_args(["--device", "cpu"])
     assert (cfg["preset"], cfg["arch"], cfg["width"], cfg["optimizer"]) == ("quick", "resnet18", 16, "sgd")
+    assert (cfg["stem_stride"], cfg["augment"], cfg["untrain_epochs"]) == (2, False, 0.8)
+    cfg = wfnet.parse_args(["--device", "cpu", "--preset", "full", "--augment"])
+    assert (cfg["stem_stride"], cfg["augment"], cfg["width"]) == (1, True, 64)
+    cfg = wfnet.parse_args(["--device", "cpu", "--stem-stride", "1", "--no-augment"])
+    assert (cfg["stem_stride"], cfg["augment"]) == (1, False)
     cfg = wfnet.parse_args(["--device", "cpu", "--arch", "vit"])
-    assert (cfg["width"], cfg["optimizer"], cfg["lr"]) == (128, "adamw", 1e-3)
+    assert (cfg["width"], cfg["optimizer"], cfg["lr"]) == (64, "adamw", 1e-3)
     cfg = wfnet.parse_args(["--device", "cpu", "--preset", "full", "--width", "8", "-T", "2"])
     assert (cfg["width"], cfg["epochs"], cfg["T"], cfg["eval_train"]) == (8, 30, 2, 0)
