@@ -159,7 +159,7 @@ def load_dataset(name, data_dir="data", device="cpu"):
 
 
 def transform(x, spec, augment=False, gen=None):
-    """uint8 (B,C,H,W) -> normalized float; with augment: random crop (zero padding) and flip."""
+    """uint8 (B,C,H,W) -> normalized float, channels_last; with augment: random crop and flip."""
     x = x.float().div_(255)
     if augment:
         B, C, H, W = x.shape
@@ -175,7 +175,7 @@ def transform(x, spec, augment=False, gen=None):
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
     mean = torch.tensor(spec["mean"], device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec["std"], device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 # -----------------------------------------------------------------------------
 # backbones: ResNet-18 with a 3x3 stem and no max-pool for 28/32 px (stride 1: the CIFAR stem;
@@ -407,7 +407,6 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
             perm = torch.randperm(n, generator=gen)
         idx, perm = perm[:batch_size].to(x.device), perm[batch_size:]
         xb, yb = transform(x[idx], spec, augment=True, gen=gen), y[idx]
-        xb = xb.contiguous(memory_format=torch.channels_last)
         xf, yf, xr, yr = xb[:half], yb[:half], xb[half:], yb[half:]
         shift = torch.randint(1, nc, (T, len(yr)), generator=gen).to(yr.device)
         cr = (yr + shift) % nc                            # (T, B/2): a random row != label
@@ -459,7 +458,7 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
         perm = torch.randperm(len(x), generator=gen)
         for i in range(len(x) // batch_size):
             idx = perm[i * batch_size:(i + 1) * batch_size].to(x.device)
-            xb = transform(x[idx], spec, augment, gen).contiguous(memory_format=torch.channels_last)
+            xb = transform(x[idx], spec, augment, gen)
             with autocast():
                 loss = F.cross_entropy(model(xb).float(), y[idx])
             opt.zero_grad(set_to_none=True)
@@ -487,7 +486,7 @@ def predict(net, x, spec, forget=None, batch_size=1000, autocast=contextlib.null
     """Softmax probabilities (N, N_c) of `net` (a WFNet when forget is given) on uint8 x."""
     out = []
     for i in range(0, len(x), batch_size):
-        xb = transform(x[i:i + batch_size], spec).contiguous(memory_format=torch.channels_last)
+        xb = transform(x[i:i + batch_size], spec)
         with autocast():
             logits = net(xb) if forget is None else net(xb, forget=forget)
         out.append(logits.float().softmax(-1))
