@@ -16,7 +16,7 @@ The file reads in the order of the idea: data -> backbones -> weight filtering -
 Where the paper is silent, the choice made here is marked "CHOICE:".
 Measured results (command, machine, time) are in README.md.
 """
-import argparse, contextlib, copy, gzip, json, math, os, pickle, platform, struct, sys, time
+import argparse, contextlib, copy, gzip, itertools, json, math, os, pickle, platform, struct, sys, time
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +32,8 @@ from einops.layers.torch import Rearrange
 
 COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128,
               untrain_batch_size=128, T=4,
-              lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", seed=0,
-              data_dir="data", out=None, device="auto", compile=False)
+              lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", combine="min",
+              explain_samples=100, seed=0, data_dir="data", out=None, device="auto", compile=False)
 PRESETS = {
     "quick": dict(epochs=3, augment=False, untrain_epochs=0.8, untrain_lr=0.05, eval_train=10000),
     "full": dict(epochs=30, augment=True, untrain_epochs=5, untrain_lr=0.01, eval_train=0),
@@ -280,10 +280,15 @@ def build_model(arch, num_classes, in_channels, image_size, width, stem_stride=1
 # exactly) and projected back into [0, 1] after each optimizer step. The forward pass uses
 # it unclamped, so its gradient is alive at the start (clamp() in the forward would pass no
 # gradient at alpha = 1, and untraining would silently do nothing).
+# CHOICE (a set of classes): forget=[3, 5] runs with the element-wise MINIMUM of rows 3 and 5
+# (combine="min"): each component is turned down as far as the most demanding class asks, no
+# further. For rows of 0s and 1s it equals the product (applying one filter after the other);
+# on the partial values the untraining leaves (35% of alpha lies between 0.01 and 0.99) the
+# product compounds (0.8 * 0.8 = 0.64) and costs the retained classes more: see README.md.
+# min is also idempotent, so forget=[3, 3] is forget=3.
 
-def _gate(alpha, rows, module, inputs, y):
-    """Forward hook: rescale output units of a Conv2d/Linear by alpha[rows]."""
-    a = alpha[rows]                                       # (K,) for an int, (B, K) per sample
+def _gate(a, module, inputs, y):
+    """Forward hook: rescale the output units of a Conv2d/Linear by the gate a, (K,) or (B, K)."""
     if isinstance(module, nn.Conv2d):
         a = a[..., None, None]                            # (.., K, 1, 1) against (B, K, H, W)
         b = module.bias[:, None, None] if module.bias is not None else None
@@ -298,18 +303,22 @@ class WFNet(nn.Module):
     """Wrap any classifier: freeze it and add one memory matrix per Conv2d and Linear layer.
 
     wf(x) or wf(x, forget=None): the wrapped model's outputs, unchanged.
-    wf(x, forget=c): run with row c of every alpha (c an int, or a LongTensor of shape [B]).
-    wf.export(forget=c): a plain copy of the model with row c folded into its weights.
+    wf(x, forget=c): run with row c of every alpha.
+    wf(x, forget=[3, 5]): forget a set of classes; the rows are combined by `combine`.
+    wf(x, forget=t): per sample, t a LongTensor of shape (B,) (one class each) or (B, S) (a set each).
+    wf.export(forget=c or [3, 5]): a plain copy of the model with the row(s) folded into its weights.
     Layers are found with model.named_modules(); nn.MultiheadAttention's internal
     projections are not Linear modules and are left unfiltered.
     """
 
-    def __init__(self, model, num_classes, granularity="channel"):
+    def __init__(self, model, num_classes, granularity="channel", combine="min"):
         super().__init__()
         if granularity not in ("channel", "weight"):
             raise ValueError(f"granularity must be 'channel' or 'weight', not {granularity!r}")
+        if combine not in ("min", "product"):
+            raise ValueError(f"combine must be 'min' or 'product', not {combine!r}")
         self.model = model.eval().requires_grad_(False)
-        self.num_classes, self.granularity = num_classes, granularity
+        self.num_classes, self.granularity, self.combine = num_classes, granularity, combine
         self.names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.layers = [model.get_submodule(n) for n in self.names]  # plain list: not re-registered
         sizes = [m.weight.shape[0] if granularity == "channel" else m.weight.numel()
@@ -324,53 +333,67 @@ class WFNet(nn.Module):
         return self
 
     def _rows(self, forget, batch):
-        if isinstance(forget, torch.Tensor) and forget.dim() == 1:
-            if forget.shape[0] != batch:
-                raise ValueError(f"forget has {forget.shape[0]} entries for a batch of {batch}")
-            bad = (forget < 0) | (forget >= self.num_classes)
-            if bad.any():
-                raise ValueError(f"forget class {int(forget[bad][0])} out of range "
-                                 f"0..{self.num_classes - 1}")
-            return forget.to(self.alpha[0].device)
-        c = int(forget)
-        if not 0 <= c < self.num_classes:
-            raise ValueError(f"forget class {c} out of range 0..{self.num_classes - 1}")
-        return c
+        """forget -> a LongTensor of classes: (S,) one set for the batch, or (B, S) per sample."""
+        if isinstance(forget, torch.Tensor) and forget.dim() in (1, 2):
+            rows = forget if forget.dim() == 2 else forget[:, None]
+            if rows.shape[0] != batch:
+                raise ValueError(f"forget has {rows.shape[0]} entries for a batch of {batch}")
+        elif isinstance(forget, (list, tuple, set, range)):
+            rows = torch.tensor(sorted(set(int(c) for c in forget)), dtype=torch.long)
+            if len(rows) == 0:
+                raise ValueError("forget is an empty set of classes")
+        else:
+            rows = torch.tensor([int(forget)])
+        bad = (rows < 0) | (rows >= self.num_classes)
+        if bad.any():
+            raise ValueError(f"forget class {int(rows[bad][0])} out of range "
+                             f"0..{self.num_classes - 1}")
+        return rows.to(self.alpha[0].device)
+
+    def gates(self, rows):
+        """Per layer, the gate that forgets the classes in `rows`: alpha_l[rows] combined over
+        the set, (K_l,) for rows (S,) or (B, K_l) for rows (B, S)."""
+        if rows.shape[-1] == 1:
+            return [a[rows[..., 0]] for a in self.alpha]
+        if self.combine == "min":
+            return [a[rows].amin(-2) for a in self.alpha]
+        return [a[rows].prod(-2) for a in self.alpha]
 
     def forward(self, x, forget=None):
         if forget is None:
             return self.model(x)
         rows = self._rows(forget, x.shape[0])
-        if self.granularity == "channel":
-            handles = [m.register_forward_hook(partial(_gate, a, rows))
-                       for m, a in zip(self.layers, self.alpha)]
-            try:
-                return self.model(x)
-            finally:
-                for h in handles:
-                    h.remove()
-        if isinstance(rows, int):
-            return self._weight_forward(x, rows)
-        # weight granularity: one pass per distinct class in the batch, then restore the order
-        groups = [(rows == c).nonzero().squeeze(1) for c in rows.unique()]
-        outs = [self._weight_forward(x[idx], int(rows[idx[0]])) for idx in groups]
-        order = torch.cat(groups).argsort()
-        return torch.cat(outs)[order]
+        if rows.dim() == 1 or self.granularity == "channel":
+            return self.gated(x, self.gates(rows))
+        # weight granularity, one set per sample: one pass per distinct set, then restore the order
+        sets, inverse = rows.unique(dim=0, return_inverse=True)
+        groups = [(inverse == i).nonzero().squeeze(1) for i in range(len(sets))]
+        outs = [self.gated(x[idx], self.gates(s)) for idx, s in zip(groups, sets)]
+        return torch.cat(outs)[torch.cat(groups).argsort()]
 
-    def _weight_forward(self, x, c):
-        weights = {f"{n}.weight": m.weight * a[c].view_as(m.weight)
-                   for n, m, a in zip(self.names, self.layers, self.alpha)}
-        return torch.func.functional_call(self.model, weights, (x,))
+    def gated(self, x, gates):
+        """Run the frozen model with any per-layer gates (one value per component, in [0, 1])."""
+        if self.granularity == "weight":
+            weights = {f"{n}.weight": m.weight * g.view_as(m.weight)
+                       for n, m, g in zip(self.names, self.layers, gates)}
+            return torch.func.functional_call(self.model, weights, (x,))
+        handles = [m.register_forward_hook(partial(_gate, g)) for m, g in zip(self.layers, gates)]
+        try:
+            return self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
 
     @torch.no_grad()
     def export(self, forget):
-        """A plain copy of the wrapped model with row `forget` folded into its weights."""
-        c = self._rows(forget, None)
+        """A plain copy of the wrapped model with the row(s) of `forget` folded into its weights."""
+        if isinstance(forget, torch.Tensor) and forget.dim() > 0:
+            raise ValueError("export takes one class or a list of classes, not a per-sample tensor")
         model = copy.deepcopy(self.model).requires_grad_(True)
-        for n, a in zip(self.names, self.alpha):
+        for n, g in zip(self.names, self.gates(self._rows(forget, None))):
             w = model.get_submodule(n).weight
-            w.mul_(a[c].view(-1, *[1] * (w.dim() - 1)) if self.granularity == "channel"
-                   else a[c].view_as(w))
+            w.mul_(g.view(-1, *[1] * (w.dim() - 1)) if self.granularity == "channel"
+                   else g.view_as(w))
         return model
 
 # -----------------------------------------------------------------------------
@@ -552,8 +575,12 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
     mean = {k: sum(r[k] for r in rows) / nc for k in rows[0] if k != "cls"}
     mean["acc_r_drop_test"] = mean["orig_acc_r_test"] - mean["acc_r_test"]
     per_class_orig = [_acc(ok_orig_te[y_te == k]) for k in range(nc)]
+    confusion = torch.zeros(nc, nc).index_put_((y_te.cpu(), orig_te.argmax(-1).cpu()),
+                                               torch.ones(len(y_te)), accumulate=True)
+    confusion = 100 * confusion / confusion.sum(1, keepdim=True).clamp_min(1)
     return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(orig_tr.argmax(-1) == y_tr),
-                              per_class_test_acc=per_class_orig),
+                              per_class_test_acc=per_class_orig,
+                              confusion_test=confusion.tolist()),  # % of true class (row) -> predicted
                 per_class=rows, mean=mean, matrix_test=(100 * matrix).tolist(),
                 eval_train_samples=len(x_tr))
 
@@ -562,9 +589,17 @@ def _acc(ok):
     return 100.0 * ok.float().mean().item() if len(ok) else float("nan")
 
 # -----------------------------------------------------------------------------
-# explanations: alpha row c names the components class c depends on. Plots: the forget x true
-# class accuracy matrix, and one heatmap per layer (classes x components, components sorted
-# by their mean alpha so that shared and class-specific components separate).
+# explanations: row c of every alpha names the components class c depends on ("explainable by
+# design"). Three readings of it, each written as numbers (results.json) and a picture:
+# - per layer, alpha as a classes x components heatmap and the fraction each class switches off;
+# - class-class similarity of the alpha rows, beside the original model's confusion matrix;
+# - deletion / insertion curves: in the original model switch components off in order of
+#   1 - alpha[c] (deletion), or restore them in that order into the model filtered by row c
+#   (insertion), tracking class-c and other-class accuracy, each beside a random order.
+# And one step past the paper: forgetting a SET of classes by combining their rows.
+# CHOICE (components): all filtered components of all layers are ranked together; ties in
+# alpha are broken at random. The curves run from 0 to `max_fraction` of all components, and
+# their area is the mean accuracy over that range (%), by the trapezoid rule.
 
 def alpha_summary(wf, threshold=0.5):
     """Per layer: mean alpha and the fraction of components each class switches off (< 0.5)."""
@@ -573,16 +608,134 @@ def alpha_summary(wf, threshold=0.5):
             for n, a in zip(wf.names, wf.alpha)]
 
 
+def class_similarity(wf, confusion):
+    """Cosine similarity of the classes' switched-off vectors (1 - alpha over all layers), and
+    its correlation with the symmetrized confusion of the original model over class pairs."""
+    off = torch.cat([(1 - a.detach().float()).cpu() for a in wf.alpha], 1)   # (N_c, sum K_l)
+    unit = off / off.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = unit @ unit.T                                   # (N_c, N_c)
+    conf = torch.as_tensor(confusion, dtype=torch.float)
+    conf = (conf + conf.T) / 2                            # how often i and j are mistaken for each other
+    i, j = torch.triu_indices(len(sim), len(sim), 1)
+    a, b = sim[i, j], conf[i, j]
+    rank = lambda v: v.argsort().argsort().float()
+    return dict(similarity=sim.tolist(), pearson=_pearson(a, b), spearman=_pearson(rank(a), rank(b)))
+
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return (a @ b / (a.norm() * b.norm()).clamp_min(1e-12)).item()
+
+
+def _subset(y, per_class, seed):
+    """Indices of `per_class` samples of every class (all samples if per_class is 0)."""
+    if not per_class:
+        return torch.arange(len(y), device=y.device)
+    g = torch.Generator().manual_seed(seed)
+    idx = [(y == k).nonzero().squeeze(1).cpu() for k in y.unique().tolist()]
+    return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).to(y.device)
+
+
+@torch.no_grad()
+def _class_accuracy(wf, x, y, spec, gates, c, batch_size=1000, autocast=contextlib.nullcontext):
+    """(accuracy on class c, accuracy on the other classes), in %, of wf run with `gates`."""
+    ok = []
+    for i in range(0, len(x), batch_size):
+        with autocast():
+            ok.append(wf.gated(transform(x[i:i + batch_size], spec), gates).argmax(-1)
+                      == y[i:i + batch_size])
+    ok = torch.cat(ok)
+    return _acc(ok[y == c]), _acc(ok[y != c])
+
+
+def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0,
+                       batch_size=1000, autocast=contextlib.nullcontext):
+    """Deletion and insertion curves of class c, in alpha order and in a random order."""
+    sizes = [a.shape[1] for a in wf.alpha]
+    row = torch.cat([a[c].detach() for a in wf.alpha])    # (K,) all components, all layers
+    g = torch.Generator().manual_seed(seed + c)
+    perm = torch.randperm(len(row), generator=g).to(row.device)
+    orders = dict(alpha=perm[(1 - row[perm]).argsort(descending=True, stable=True)],
+                  random=torch.randperm(len(row), generator=g).to(row.device))
+    ks = [round(f * len(row)) for f in torch.linspace(0, max_fraction, points).tolist()]
+    acc = partial(_class_accuracy, wf, x, y, spec, c=c, batch_size=batch_size, autocast=autocast)
+    out = dict(fraction=[k / len(row) for k in ks])
+    for curve, start, value in (("deletion", torch.ones_like(row), 0.0), ("insertion", row, 1.0)):
+        first = acc(list(start.split(sizes)))             # k = 0 is the same for both orders
+        for name, order in orders.items():
+            accs = [first]
+            for k in ks[1:]:
+                gate = start.clone()
+                gate[order[:k]] = value                   # switch off (deletion) / restore (insertion)
+                accs.append(acc(list(gate.split(sizes))))
+            acc_c, acc_o = zip(*accs)
+            out[f"{curve}_{name}"] = dict(acc_c=list(acc_c), acc_other=list(acc_o),
+                                          auc_c=_auc(out["fraction"], acc_c),
+                                          auc_other=_auc(out["fraction"], acc_o))
+    return out
+
+
+def _auc(xs, ys):
+    """Area under ys(xs) over the range of xs, by the trapezoid rule: a mean accuracy in %."""
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    return area / (xs[-1] - xs[0])
+
+
+def evaluate_sets(wf, x, y, spec, sets, batch_size=1000, autocast=contextlib.nullcontext):
+    """Forget each set of classes at once: Acc_f over all its classes, Acc_r over the rest."""
+    run = partial(predict, spec=spec, batch_size=batch_size, autocast=autocast)
+    ok_orig = run(wf, x).argmax(-1) == y
+    rows = []
+    for s in sets:
+        ok = run(wf, x, forget=list(s)).argmax(-1) == y
+        f = torch.isin(y, torch.tensor(list(s), device=y.device))
+        rows.append(dict(classes=list(s), acc_f=_acc(ok[f]), acc_r=_acc(ok[~f]),
+                         orig_acc_r=_acc(ok_orig[~f])))
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_f", "acc_r", "orig_acc_r")}
+    mean["acc_r_drop"] = mean["orig_acc_r"] - mean["acc_r"]
+    return dict(rule=wf.combine, samples=len(y), per_set=rows, mean=mean)
+
+
+def explain(wf, data, confusion, per_class=100, max_pairs=45, max_fraction=0.1, seed=0,
+            batch_size=1000, autocast=contextlib.nullcontext):
+    """Every explanation of a trained WFNet, and the pairs of classes forgotten at once, on
+    `per_class` test samples of every class (0 = the whole test set). JSON-ready."""
+    spec, nc = data["spec"], wf.num_classes
+    x, y = data["test"]
+    keep = _subset(y, per_class, seed)
+    x, y = x[keep], y[keep]
+    curves = [deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
+                                 autocast=autocast) for c in range(nc)]
+    pairs = list(itertools.combinations(range(nc), 2))
+    if len(pairs) > max_pairs:                            # e.g. CIFAR-100: a random subset of pairs
+        g = torch.Generator().manual_seed(seed)
+        pairs = [pairs[i] for i in sorted(torch.randperm(len(pairs), generator=g)[:max_pairs])]
+    wins = sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"] for r in curves)
+    holds = sum(r["deletion_alpha"]["auc_other"] > r["deletion_alpha"]["auc_c"] for r in curves)
+    return dict(samples=len(y), alpha=alpha_summary(wf), **class_similarity(wf, confusion),
+                curves=curves, deletion_alpha_beats_random=wins, deletion_others_hold=holds,
+                pairs=evaluate_sets(wf, x, y, spec, pairs, batch_size, autocast))
+
+
+def _sorted_columns(a):
+    """Order components by the class that switches them off most, then by how far: the
+    components each class owns form a block; those no class touches (alpha >= 0.99) go last."""
+    low, who = a.min(0)
+    who = torch.where(low < 0.99, who, len(a))
+    return a[:, (who * 2 + low).argsort()]
+
+
 def save_plots(wf, results, out, names):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    nc = wf.num_classes
+    nc, ex = wf.num_classes, results.get("explain")
+    ticks = nc <= 20
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(results["matrix_test"], vmin=0, vmax=100, cmap="viridis")
     ax.set(xlabel="true class", ylabel="forgotten class (row c of alpha)",
            title="test accuracy (%) per forgotten class x true class")
-    if nc <= 20:
+    if ticks:
         ax.set_xticks(range(nc), names, rotation=90)
         ax.set_yticks(range(nc), names)
         for i, row in enumerate(results["matrix_test"]):
@@ -591,20 +744,64 @@ def save_plots(wf, results, out, names):
                         color="w" if v < 50 else "k")
     fig.colorbar(im)
     _savefig(fig, out / "matrix.png")
+
     cols = math.ceil(math.sqrt(len(wf.alpha)))
     fig, axes = plt.subplots(math.ceil(len(wf.alpha) / cols), cols, figsize=(3 * cols, 2 * cols),
                              squeeze=False)
     for ax, n, a in zip(axes.flat, wf.names, wf.alpha):
-        a = a.detach().float().cpu()
-        a = a[:, a.mean(0).argsort()]                     # (N_c, K_l), columns by mean alpha
+        a = _sorted_columns(a.detach().float().cpu())     # (N_c, K_l)
         ax.imshow(a.numpy(), aspect="auto", vmin=0, vmax=1, cmap="magma", interpolation="nearest")
         ax.set_title(n, fontsize=7)
         ax.set_yticks([])
         ax.set_xticks([])
     for ax in axes.flat[len(wf.alpha):]:
         ax.axis("off")
-    fig.suptitle("alpha per layer (rows: classes, columns: components; black = switched off)")
+    fig.suptitle("alpha per layer (rows: classes; columns: components grouped by the class that "
+                 "switches them off most; black = off)", fontsize=9)
     _savefig(fig, out / "alpha.png")
+    if ex is None:
+        return
+
+    frac = torch.tensor([r["frac_off"] for r in ex["alpha"]]).T * 100   # (N_c, layers)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(wf.names)), 4))
+    im = ax.imshow(frac.numpy(), aspect="auto", cmap="viridis")
+    ax.set(xlabel="layer", title="components switched off (alpha < 0.5), % of the layer")
+    ax.set_xticks(range(len(wf.names)), wf.names, rotation=90, fontsize=6)
+    if ticks:
+        ax.set_yticks(range(nc), names)
+    fig.colorbar(im)
+    _savefig(fig, out / "frac_off.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    conf = torch.tensor(results["original"]["confusion_test"]).fill_diagonal_(float("nan"))
+    for ax, m, title in ((axes[0], ex["similarity"], "cosine similarity of 1 - alpha rows"),
+                         (axes[1], conf, "original model: % of true class (row) predicted as")):
+        im = ax.imshow(torch.as_tensor(m).numpy(), cmap="viridis")
+        ax.set_title(title, fontsize=9)
+        if ticks:
+            ax.set_xticks(range(nc), names, rotation=90)
+            ax.set_yticks(range(nc), names)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(f"over class pairs: Pearson {ex['pearson']:.2f}, Spearman {ex['spearman']:.2f}")
+    _savefig(fig, out / "similarity.png")
+
+    cols = min(nc, 5)
+    rows = math.ceil(nc / cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3 * cols, 5 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    for c, r in enumerate(ex["curves"]):
+        x = [100 * f for f in r["fraction"]]
+        for k, curve in enumerate(("deletion", "insertion")):
+            ax = axes[2 * (c // cols) + k, c % cols]
+            for order, color in (("alpha", "C3"), ("random", "C0")):
+                d = r[f"{curve}_{order}"]
+                ax.plot(x, d["acc_c"], color=color, label=f"class c, {order} order")
+                ax.plot(x, d["acc_other"], color=color, ls="--", label=f"others, {order} order")
+            ax.set_title(f"{curve}: {names[c]}", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("components switched off (deletion) / restored (insertion), % of all")
+    fig.supylabel("test accuracy (%)")
+    _savefig(fig, out / "curves.png")
 
 
 def _savefig(fig, path):
@@ -677,6 +874,9 @@ def parse_args(argv=None):
     for i in range(3):
         p.add_argument(f"--lambda{i}", type=float)
     p.add_argument("--granularity", help="channel | weight")
+    p.add_argument("--combine", help="min | product: how the rows of a set of forgotten classes combine")
+    p.add_argument("--explain-samples", type=int,
+                   help="test samples per class for the explanation curves and the pairs (0 = all)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-train", type=int, help="train samples for train metrics (0 = all)")
     p.add_argument("--data-dir")
@@ -685,7 +885,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the original model's training")
     p.add_argument("--checkpoint", help="an original-model checkpoint to start from")
-    p.add_argument("--forget", type=int, help="also export the model with this class forgotten")
+    p.add_argument("--forget", type=int, nargs="+",
+                   help="also export the model with this class (or set of classes) forgotten")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.preset not in ("auto", *PRESETS):
@@ -713,9 +914,14 @@ def parse_args(argv=None):
         raise WFError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
     if cfg["granularity"] not in ("channel", "weight"):
         raise WFError(f"unknown granularity {cfg['granularity']!r}; choose channel or weight")
+    if cfg["combine"] not in ("min", "product"):
+        raise WFError(f"unknown combine rule {cfg['combine']!r}; choose min or product")
     nc = DATASETS[cfg["dataset"]]["classes"]
-    if cfg["forget"] is not None and not 0 <= cfg["forget"] < nc:
-        raise WFError(f"--forget {cfg['forget']} is out of range 0..{nc - 1} for {cfg['dataset']}")
+    for c in cfg["forget"] or []:
+        if not 0 <= c < nc:
+            raise WFError(f"--forget {c} is out of range 0..{nc - 1} for {cfg['dataset']}")
+    if cfg["explain_samples"] < 0:
+        raise WFError("--explain-samples must be >= 0 (0 = the whole test set)")
     if min(cfg["epochs"], cfg["T"], cfg["width"]) < 1 or cfg["untrain_epochs"] <= 0 \
             or min(cfg["batch_size"], cfg["untrain_batch_size"]) < 2:
         raise WFError("epochs, T and width must be >= 1, untrain epochs > 0, batch sizes >= 2")
@@ -773,7 +979,7 @@ def run(cfg):
     model = model.eval()
 
     # 2. untraining: one round, all classes
-    wf = WFNet(model, nc, cfg["granularity"])
+    wf = WFNet(model, nc, cfg["granularity"], cfg["combine"])
     wf_meta = {**orig_meta, **{k: cfg[k] for k in ("granularity", "untrain_epochs", "T",
                "untrain_batch_size", "untrain_lr", "lambda0", "lambda1", "lambda2")}, "eps": EPS}
     wf_path = out / "wfnet.pt"
@@ -801,9 +1007,15 @@ def run(cfg):
     random_model = make().eval()
     res = evaluate(wf, data, random_model, cfg["eval_train"], cfg["seed"], autocast=autocast)
     t_ev = time.time() - t0
+
+    # 4. explanations, and every pair of classes forgotten at once
+    t0 = time.time()
+    res["explain"] = explain(wf, data, res["original"]["confusion_test"], cfg["explain_samples"],
+                             seed=cfg["seed"], autocast=autocast)
+    t_ex = time.time() - t0
     res.update(config={k: v for k, v in cfg.items() if k != "progress"},
-               class_names=spec["names"], alpha=alpha_summary(wf),
-               times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev),
+               class_names=spec["names"],
+               times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev, explain=t_ex),
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                             torch=torch.__version__, device=str(dev),
                             gpu=torch.cuda.get_device_name(dev) if cuda else None),
@@ -814,14 +1026,15 @@ def run(cfg):
                           "samples judged non-members; higher is better"))
     _write_json(out / "results.json", res)
     save_plots(wf, res, out, spec["names"])
-    if cfg["forget"] is not None:
-        path = out / f"forget_{cfg['forget']}.pt"
-        save_checkpoint(path, {**ident, "forgotten_class": cfg["forget"]},
-                        wf.export(cfg["forget"]).state_dict())
-        print(f"exported the model without class {cfg['forget']} -> {path}")
+    if cfg["forget"]:
+        forget = sorted(set(cfg["forget"]))
+        path = out / f"forget_{'_'.join(map(str, forget))}.pt"
+        save_checkpoint(path, {**ident, "forgotten_classes": forget, "combine": cfg["combine"]},
+                        wf.export(forget).state_dict())
+        print(f"exported the model without class(es) {forget} -> {path}")
     _print_table(res, spec["names"])
-    print(f"times: pretrain {t_pre:.0f} s, untrain {t_un:.0f} s, evaluate {t_ev:.0f} s; "
-          f"results -> {out / 'results.json'}, plots -> {out}/matrix.png, alpha.png")
+    print(f"times: pretrain {t_pre:.0f} s, untrain {t_un:.0f} s, evaluate {t_ev:.0f} s, "
+          f"explain {t_ex:.0f} s; results -> {out / 'results.json'}, plots -> {out}/*.png")
     return res
 
 
@@ -837,6 +1050,28 @@ def _print_table(res, names):
     print(f"{'mean':>14} " + " ".join(f"{res['mean'][c]:>15.3f}" for c in cols))
     print(f"mean Acc_r drop vs original on the same samples: {res['mean']['acc_r_drop_test']:.2f} "
           "points (acc in %, lower Acc_f and higher MIA-efficacy are better)")
+    ex = res.get("explain")
+    if ex is None:
+        return
+    print(f"deletion / insertion areas (mean accuracy in %, up to "
+          f"{100 * ex['curves'][0]['fraction'][-1]:.0f}% of all components; lower deletion_c is better):")
+    heads = [(f"{curve}_{order}", part) for curve in ("deletion", "insertion")
+             for order in ("alpha", "random") for part in ("auc_c", "auc_other")]
+    print(f"{'class':>14} " + " ".join(f"{k[:3] + p[3:] + k[k.index('_'):]:>15}" for k, p in heads))
+    for c, r in enumerate(ex["curves"]):
+        print(f"{names[c][:14]:>14} " + " ".join(f"{r[k][p]:>15.1f}" for k, p in heads))
+    nc = len(ex["curves"])
+    print(f"deletion in alpha order drops class c faster than a random order for "
+          f"{ex['deletion_alpha_beats_random']}/{nc} classes; the other classes hold up better than "
+          f"class c for {ex['deletion_others_hold']}/{nc}")
+    print(f"alpha-row similarity vs the original model's confusion, over class pairs: "
+          f"Pearson {ex['pearson']:.2f}, Spearman {ex['spearman']:.2f}")
+    p = ex["pairs"]
+    worst = max(p["per_set"], key=lambda r: r["acc_f"])
+    print(f"{len(p['per_set'])} pairs forgotten at once (rows combined by {p['rule']}, "
+          f"{ex['samples']} test samples): mean Acc_f {p['mean']['acc_f']:.2f}%, Acc_r "
+          f"{p['mean']['acc_r']:.2f}% ({p['mean']['acc_r_drop']:.2f} points below the original); "
+          f"worst pair {worst['classes']}: Acc_f {worst['acc_f']:.1f}%")
 
 
 def main(argv=None):

@@ -129,6 +129,107 @@ def test_forget_out_of_range_raises():
         WFNet(tiny_models()["small"], 5, granularity="row")
 
 
+# ---------------------------------------------------------------- forgetting a set of classes
+
+@pytest.mark.parametrize("combine", ["min", "product"])
+@pytest.mark.parametrize("granularity", ["channel", "weight"])
+def test_a_set_of_classes_combines_the_rows_by_the_rule(combine, granularity):
+    model = randomize_bn(tiny_models()["resnet18"])
+    wf = randomize(WFNet(model, 5, granularity, combine))
+    rule = torch.minimum if combine == "min" else torch.mul
+    ref = copy.deepcopy(model)                            # weights scaled by rule(alpha[1], alpha[3])
+    layers = [m for m in ref.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        for m, a in zip(layers, wf.alpha):
+            g = rule(a[1], a[3])
+            shape = (-1, *[1] * (m.weight.dim() - 1)) if granularity == "channel" else m.weight.shape
+            m.weight *= g.view(shape)
+    assert torch.allclose(wf(X, forget=[1, 3]), ref(X), atol=1e-5)
+    assert torch.allclose(wf(X, forget=(3, 1, 3)), ref(X), atol=1e-5)   # a set: order, repeats
+    assert torch.allclose(wf.export(forget=[1, 3])(X), ref(X), atol=1e-5)
+    assert torch.allclose(wf(X, forget=[2]), wf(X, forget=2))
+    per_sample = torch.tensor([[1, 3], [0, 1], [2, 4], [1, 3], [4, 0], [0, 2]])
+    batched = wf(X, forget=per_sample)                    # (B, S): one set per sample
+    for i, s in enumerate(per_sample.tolist()):
+        assert torch.allclose(batched[i], wf(X[i:i + 1], forget=s)[0], atol=1e-5)
+    twice = wf(X, forget=torch.tensor([[2, 2]] * 6))      # a (B, S) row is taken as given:
+    once = wf(X, forget=2)                                # min is idempotent, product squares
+    assert torch.allclose(twice, once, atol=1e-6) == (combine == "min")
+    with pytest.raises(ValueError, match="empty"):
+        wf(X, forget=[])
+    with pytest.raises(ValueError, match="out of range"):
+        wf(X, forget=[1, 5])
+
+
+# ---------------------------------------------------------------- explanations
+
+def one_hot_net(nc=4):
+    """Flatten -> Linear(nc, nc) -> ReLU -> Linear(nc, nc), both identity (plus a tiny output
+    bias that breaks ties): hidden unit k and output unit k carry class k. A class-k input is 10 e_k + e_(k+1): switching hidden unit k
+    (or output unit k) off makes it class k+1; nothing else changes any prediction."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(nc, nc), nn.ReLU(), nn.Linear(nc, nc))
+    with torch.no_grad():
+        for m in (net[1], net[3]):
+            m.weight.copy_(torch.eye(nc))
+            m.bias.zero_()
+        net[3].bias.copy_(0.001 * torch.arange(nc))      # all hidden units off: the last class wins
+    y = torch.arange(nc).repeat(5)
+    x = (10 * F.one_hot(y, nc) + F.one_hot((y + 1) % nc, nc)).to(torch.uint8).view(-1, 1, 1, nc)
+    spec = dict(mean=(0.0,), std=(1 / 255,), pad=0, flip=False)   # transform(x) = x as floats
+    return net.eval(), x, y, spec
+
+
+def test_deletion_and_insertion_curves_on_a_known_network():
+    net, x, y, spec = one_hot_net()
+    wf = WFNet(net, 4)
+    c = 2
+    with torch.no_grad():
+        wf.alpha[0][c, c] = 0.0                           # class 2 switches hidden unit 2 off
+        wf.alpha[1][c, c] = 0.5                           # and halves output unit 2
+    # 8 components; k = 0, 1, 2: the alpha order deletes hidden 2, then output 2
+    r = wfnet.deletion_insertion(wf, x, y, spec, c, max_fraction=0.25, points=3)
+    assert r["fraction"] == [0, 0.125, 0.25]
+    assert r["deletion_alpha"]["acc_c"] == [100, 0, 0]
+    assert r["deletion_alpha"]["acc_other"] == [100, 100, 100]
+    assert r["deletion_alpha"]["auc_c"] == pytest.approx(25)      # trapezoid: (50 + 0) / 2
+    assert r["deletion_alpha"]["auc_other"] == pytest.approx(100)
+    # insertion starts from the filtered model (class 2 forgotten), restores hidden 2 first
+    assert r["insertion_alpha"]["acc_c"] == [0, 100, 100]
+    assert r["insertion_alpha"]["auc_c"] == pytest.approx(75)
+    # a random order ends where the alpha order does only if it happened to pick those units
+    for curve in ("deletion_random", "insertion_random"):
+        assert r[curve]["acc_c"][0] == r[curve.split("_")[0] + "_alpha"]["acc_c"][0]
+
+
+def test_class_similarity_and_its_correlation_with_confusion():
+    wf = WFNet(tiny_models()["small"], 3)
+    with torch.no_grad():
+        for a in wf.alpha:
+            a.fill_(1)
+        wf.alpha[0][0, :2] = 0                            # classes 0 and 1 switch off unit 0..1,
+        wf.alpha[0][1, :2] = 0                            # class 2 switches off unit 2 only
+        wf.alpha[0][2, 2] = 0
+    confusion = [[90, 8, 2], [8, 90, 2], [2, 2, 96]]
+    r = wfnet.class_similarity(wf, confusion)
+    sim = torch.tensor(r["similarity"])
+    assert torch.allclose(sim, torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]), atol=1e-6)
+    assert r["pearson"] == pytest.approx(1.0) and r["spearman"] == pytest.approx(1.0)
+    assert wfnet._pearson(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1)
+
+
+def test_pairs_table_counts_both_forgotten_classes():
+    net, x, y, spec = one_hot_net()
+    wf = WFNet(net, 4)
+    with torch.no_grad():
+        for c in range(4):
+            wf.alpha[0][c, c] = 0                         # each row forgets its own class exactly
+    r = wfnet.evaluate_sets(wf, x, y, spec, [(0, 1), (1, 3)])
+    assert [s["classes"] for s in r["per_set"]] == [[0, 1], [1, 3]]
+    # forget {0, 1}: classes 0 and 1 are lost; 2 and 3 are untouched
+    assert r["per_set"][0]["acc_f"] == 0 and r["per_set"][0]["acc_r"] == 100
+    assert r["mean"]["acc_r_drop"] == 0 and r["rule"] == "min"
+
+
 # ---------------------------------------------------------------- loss and untraining
 
 def test_loss_terms_on_a_hand_made_case():
@@ -301,6 +402,9 @@ FAST = ["--width", "4", "--epochs", "1", "--untrain-epochs", "1", "--batch-size"
     (["--arch", "vgg"], "unknown arch"),
     (["--granularity", "row"], "unknown granularity"),
     (["--forget", "10"], "out of range"),
+    (["--forget", "2", "-1"], "out of range"),
+    (["--combine", "max"], "unknown combine rule"),
+    (["--explain-samples", "-1"], "--explain-samples must be >= 0"),
     (["--device", "tpu"], "unknown device"),
     (["--epochs", "0"], "must be >= 1"),
     (["--untrain-epochs", "0"], "untrain epochs > 0"),
@@ -372,7 +476,7 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     args = ["--dataset", "mnist", "--width", "4", "--epochs", "3", "--batch-size", "32",
             "--lr", "0.05", "--untrain-epochs", "12", "--untrain-batch-size", "32",
             "--untrain-lr", "0.08", "--data-dir", str(tmp_path / "data"), "--out", str(out),
-            "--no-progress", "--forget", "2"]
+            "--no-progress", "--forget", "2", "--explain-samples", "10"]
     res = wfnet.run(wfnet.parse_args(args))
     orig = res["original"]["test_acc"]
     assert orig > 95                                    # the synthetic task is easy
@@ -382,10 +486,18 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved["mean"] == pytest.approx(res["mean"])
     assert len(saved["matrix_test"]) == 10 and len(saved["per_class"]) == 10
-    assert (out / "matrix.png").stat().st_size > 0 and (out / "alpha.png").stat().st_size > 0
+    for png in ("matrix", "alpha", "frac_off", "similarity", "curves"):
+        assert (out / f"{png}.png").stat().st_size > 0
+    ex = saved["explain"]
+    assert ex["samples"] == 100 and len(ex["curves"]) == 10 and len(ex["pairs"]["per_set"]) == 45
+    assert -1 <= ex["pearson"] <= 1 and 0 <= ex["deletion_alpha_beats_random"] <= 10
+    assert len(ex["alpha"]) == len(saved["explain"]["alpha"]) == 21   # ResNet-18: 20 convs + fc
     exported = torch.load(out / "forget_2.pt", weights_only=True)
     model = wfnet.ResNet18(10, 1, 4)
     model.load_state_dict(exported["state_dict"])
+    wfnet.run(wfnet.parse_args(args[:-4] + ["--forget", "3", "1", "--explain-samples", "10"]))
+    exported = torch.load(out / "forget_1_3.pt", weights_only=True)
+    assert exported["meta"]["forgotten_classes"] == [1, 3]
     capsys.readouterr()
     wfnet.run(wfnet.parse_args(args))                   # second run reuses both checkpoints
     printed = capsys.readouterr().out
