@@ -505,13 +505,17 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
 # samples judged NON-members. Higher is better.
 
 @torch.no_grad()
-def predict(net, x, spec, forget=None, batch_size=1000, autocast=contextlib.nullcontext):
-    """Softmax probabilities (N, N_c) of `net` (a WFNet when forget is given) on uint8 x."""
+def predict(net, x, spec, forget=None, gates=None, batch_size=1000, autocast=contextlib.nullcontext):
+    """Softmax probabilities (N, N_c) on uint8 x: of `net`, or of a WFNet forgetting `forget`
+    (or run with explicit per-layer `gates`, see WFNet.gated)."""
     out = []
     for i in range(0, len(x), batch_size):
         xb = transform(x[i:i + batch_size], spec)
         with autocast():
-            logits = net(xb) if forget is None else net(xb, forget=forget)
+            if gates is not None:
+                logits = net.gated(xb, gates)
+            else:
+                logits = net(xb) if forget is None else net(xb, forget=forget)
         out.append(logits.float().softmax(-1))
     return torch.cat(out)
 
@@ -636,18 +640,6 @@ def _subset(y, per_class, seed):
     return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).to(y.device)
 
 
-@torch.no_grad()
-def _class_accuracy(wf, x, y, spec, gates, c, batch_size=1000, autocast=contextlib.nullcontext):
-    """(accuracy on class c, accuracy on the other classes), in %, of wf run with `gates`."""
-    ok = []
-    for i in range(0, len(x), batch_size):
-        with autocast():
-            ok.append(wf.gated(transform(x[i:i + batch_size], spec), gates).argmax(-1)
-                      == y[i:i + batch_size])
-    ok = torch.cat(ok)
-    return _acc(ok[y == c]), _acc(ok[y != c])
-
-
 def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0,
                        batch_size=1000, autocast=contextlib.nullcontext):
     """Deletion and insertion curves of class c, in alpha order and in a random order."""
@@ -658,16 +650,21 @@ def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0,
     orders = dict(alpha=perm[(1 - row[perm]).argsort(descending=True, stable=True)],
                   random=torch.randperm(len(row), generator=g).to(row.device))
     ks = [round(f * len(row)) for f in torch.linspace(0, max_fraction, points).tolist()]
-    acc = partial(_class_accuracy, wf, x, y, spec, c=c, batch_size=batch_size, autocast=autocast)
+
+    def acc(gate):                                        # (accuracy on class c, on the others), %
+        ok = predict(wf, x, spec, gates=gate.split(sizes), batch_size=batch_size,
+                     autocast=autocast).argmax(-1) == y
+        return _acc(ok[y == c]), _acc(ok[y != c])
+
     out = dict(fraction=[k / len(row) for k in ks])
     for curve, start, value in (("deletion", torch.ones_like(row), 0.0), ("insertion", row, 1.0)):
-        first = acc(list(start.split(sizes)))             # k = 0 is the same for both orders
+        first = acc(start)                                # k = 0 is the same for both orders
         for name, order in orders.items():
             accs = [first]
             for k in ks[1:]:
                 gate = start.clone()
                 gate[order[:k]] = value                   # switch off (deletion) / restore (insertion)
-                accs.append(acc(list(gate.split(sizes))))
+                accs.append(acc(gate))
             acc_c, acc_o = zip(*accs)
             out[f"{curve}_{name}"] = dict(acc_c=list(acc_c), acc_other=list(acc_o),
                                           auc_c=_auc(out["fraction"], acc_c),
