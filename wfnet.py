@@ -723,23 +723,15 @@ def _sorted_columns(a):
 
 
 def save_plots(wf, results, out, names):
+    """matrix.png, alpha.png, and with explanations frac_off.png, similarity.png, curves.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     nc, ex = wf.num_classes, results.get("explain")
-    ticks = nc <= 20
+    labels = names if nc <= 20 else None
     fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(results["matrix_test"], vmin=0, vmax=100, cmap="viridis")
-    ax.set(xlabel="true class", ylabel="forgotten class (row c of alpha)",
-           title="test accuracy (%) per forgotten class x true class")
-    if ticks:
-        ax.set_xticks(range(nc), names, rotation=90)
-        ax.set_yticks(range(nc), names)
-        for i, row in enumerate(results["matrix_test"]):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                        color="w" if v < 50 else "k")
-    fig.colorbar(im)
+    _heatmap(ax, results["matrix_test"], labels, labels, "test accuracy (%) per forgotten class "
+             "(row c of alpha) x true class", annotate=True, vmin=0, vmax=100)
     _savefig(fig, out / "matrix.png")
 
     cols = math.ceil(math.sqrt(len(wf.alpha)))
@@ -759,26 +751,15 @@ def save_plots(wf, results, out, names):
     if ex is None:
         return
 
-    frac = torch.tensor([r["frac_off"] for r in ex["alpha"]]).T * 100   # (N_c, layers)
+    frac = [[100 * r["frac_off"][c] for r in ex["alpha"]] for c in range(nc)]   # (N_c, layers)
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(wf.names)), 4))
-    im = ax.imshow(frac.numpy(), aspect="auto", cmap="viridis")
-    ax.set(xlabel="layer", title="components switched off (alpha < 0.5), % of the layer")
-    ax.set_xticks(range(len(wf.names)), wf.names, rotation=90, fontsize=6)
-    if ticks:
-        ax.set_yticks(range(nc), names)
-    fig.colorbar(im)
+    _heatmap(ax, frac, wf.names, labels, "components switched off (alpha < 0.5), % of the layer")
     _savefig(fig, out / "frac_off.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     conf = torch.tensor(results["original"]["confusion_test"]).fill_diagonal_(float("nan"))
-    for ax, m, title in ((axes[0], ex["similarity"], "cosine similarity of 1 - alpha rows"),
-                         (axes[1], conf, "original model: % of true class (row) predicted as")):
-        im = ax.imshow(torch.as_tensor(m).numpy(), cmap="viridis")
-        ax.set_title(title, fontsize=9)
-        if ticks:
-            ax.set_xticks(range(nc), names, rotation=90)
-            ax.set_yticks(range(nc), names)
-        fig.colorbar(im, ax=ax)
+    _heatmap(axes[0], ex["similarity"], labels, labels, "cosine similarity of 1 - alpha rows")
+    _heatmap(axes[1], conf, labels, labels, "original model: % of true class (row) predicted as")
     fig.suptitle(f"over class pairs: Pearson {ex['pearson']:.2f}, Spearman {ex['spearman']:.2f}")
     _savefig(fig, out / "similarity.png")
 
@@ -799,6 +780,21 @@ def save_plots(wf, results, out, names):
     fig.supxlabel("components switched off (deletion) / restored (insertion), % of all")
     fig.supylabel("test accuracy (%)")
     _savefig(fig, out / "curves.png")
+
+
+def _heatmap(ax, m, xlabels, ylabels, title, annotate=False, **kw):
+    m = torch.as_tensor(m, dtype=torch.float)
+    im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis", **kw)
+    ax.set_title(title, fontsize=9)
+    if xlabels is not None:
+        ax.set_xticks(range(m.shape[1]), xlabels, rotation=90, fontsize=7)
+    if ylabels is not None:
+        ax.set_yticks(range(m.shape[0]), ylabels, fontsize=7)
+    if annotate and ylabels is not None:
+        for (i, j), v in zip(itertools.product(*map(range, m.shape)), m.flatten().tolist()):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                    color="w" if v < 50 else "k")
+    ax.figure.colorbar(im, ax=ax)
 
 
 def _savefig(fig, path):
