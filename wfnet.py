@@ -374,7 +374,9 @@ class WFNet(nn.Module):
     def gated(self, x, gates):
         """Run the frozen model with any per-layer gates (one value per component, in [0, 1])."""
         if self.granularity == "weight":
-            weights = {f"{n}.weight": m.weight * g.view_as(m.weight)
+            # .contiguous(): with a channels_last weight, the backward pass of this product
+            # corrupted the heap (torch 2.14.1, CPU) within a few untraining steps
+            weights = {f"{n}.weight": (m.weight * g.view_as(m.weight)).contiguous()
                        for n, m, g in zip(self.names, self.layers, gates)}
             return torch.func.functional_call(self.model, weights, (x,))
         handles = [m.register_forward_hook(partial(_gate, g)) for m, g in zip(self.layers, gates)]

@@ -275,6 +275,21 @@ def test_alpha_moves_under_untraining():
     assert all(a.min() >= 0 and a.max() <= 1 for a in wf.alpha)
 
 
+def test_weight_granularity_untrains_a_channels_last_model():
+    """The command line's models are channels_last; weight-granularity untraining once
+    corrupted the heap there after two or three steps (the test process crashed)."""
+    model = wfnet.ResNet18(10, 1, width=4, stem_stride=2).to(memory_format=torch.channels_last)
+    wf = WFNet(model, 10, "weight")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8, generator=g)
+    y = torch.arange(256) % 10
+    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=32,
+                         progress=False)
+    assert info["steps"] == 8 and info["skipped_steps"] == 0
+    assert all(torch.isfinite(a).all() for a in wf.alpha)
+    assert min(a.min().item() for a in wf.alpha) < 1     # alpha moved
+
+
 def test_untraining_is_deterministic():
     x, y = synthetic_images(64)
     spec = wfnet.DATASETS["mnist"]
