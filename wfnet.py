@@ -807,6 +807,66 @@ def _savefig(fig, path):
     os.replace(str(path) + ".tmp", path)
 
 # -----------------------------------------------------------------------------
+# benchmark: what the method costs, as ratios measured in one run on one machine. The backbone
+# keeps its random initialization (speed does not depend on the weights). Every timing runs
+# the real code path (train_original, untrain, WFNet.forward, export): once to warm up, then
+# `repeat` times, interleaved, keeping the median.
+
+def _median_seconds(fns, device, repeat=5):
+    """{name: median wall time of fn()} over `repeat` interleaved rounds, after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in fns}
+    for r in range(repeat + 1):
+        for k, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r:                                         # round 0 warms up (and compiles)
+                times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def benchmark(cfg, data, model, autocast=contextlib.nullcontext, steps=5, repeat=3):
+    """Untraining vs training throughput, mixed-class and exported forwards vs a plain one,
+    channel vs weight granularity, and the economy: N_c retrains over one untraining."""
+    spec, (x, y) = data["spec"], data["train"]
+    nc, dev, B, Bu, T = spec["classes"], x.device, cfg["batch_size"], cfg["untrain_batch_size"], cfg["T"]
+    net = torch.compile(model) if cfg["compile"] else model
+    train = lambda: train_original(net, x[:steps * B], y[:steps * B], spec, 1, B, cfg["lr"],
+                                   cfg["weight_decay"], autocast=autocast, progress=False,
+                                   optimizer=cfg["optimizer"], augment=cfg["augment"])
+    wfs = {g: WFNet(copy.deepcopy(model), nc, g) for g in ("channel", "weight")}
+    untrain_with = lambda g: lambda: untrain(wfs[g], x[:steps * Bu], y[:steps * Bu], spec, 1, Bu, T,
+                                             autocast=autocast, progress=False)
+    step = {k: t / steps for k, t in _median_seconds(
+        dict(train=train, channel=untrain_with("channel"), weight=untrain_with("weight")),
+        dev, repeat).items()}
+    wf, n = wfs["channel"], min(len(x), 4 * B)
+    xb = transform(x[:n], spec)
+    mixed = torch.randint(0, nc, (n,), device=dev)        # a different forget class per sample
+    exported = wf.export(0).eval()
+    with torch.no_grad(), autocast():
+        fwd = _median_seconds(dict(plain=lambda: wf.model(xb), mixed=lambda: wf(xb, forget=mixed),
+                                   exported=lambda: exported(xb)), dev, repeat * 3)
+    train_steps = cfg["epochs"] * (len(x) // B)
+    untrain_steps = max(1, round(cfg["untrain_epochs"] * (len(x) // Bu)))
+    retrain_s = step["train"] * train_steps * (nc - 1) / nc   # the same recipe without class c
+    untrain_s = step["channel"] * untrain_steps
+    per_step = Bu // 2 + T * (Bu - Bu // 2)               # forget half + T-expanded retain half
+    return dict(
+        train_samples_per_s=B / step["train"], untrain_samples_per_s=per_step / step["channel"],
+        untrain_over_train_throughput=(per_step / step["channel"]) / (B / step["train"]),
+        step_seconds=step, channel_over_weight_step=step["channel"] / step["weight"],
+        forward_seconds=fwd, forward_batch=n, mixed_over_plain_forward=fwd["mixed"] / fwd["plain"],
+        exported_over_plain_forward=fwd["exported"] / fwd["plain"],
+        retrain_seconds_estimate=retrain_s, untrain_seconds_estimate=untrain_s,
+        economy_vs_retrain=nc * retrain_s / untrain_s,
+        note=f"economy = {nc} retrains ({cfg['epochs']} epochs, {train_steps} steps each, on "
+             f"{nc - 1}/{nc} of the data) over one untraining of all classes ({untrain_steps} "
+             "steps), from the step times above")
+
+# -----------------------------------------------------------------------------
 # checkpoints: written to a temporary file, then renamed; loaded with weights_only=True.
 # Each holds {"meta": the settings that made it, "state_dict": tensors}.
 
@@ -882,6 +942,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="an original-model checkpoint to start from")
     p.add_argument("--forget", type=int, nargs="+",
                    help="also export the model with this class (or set of classes) forgotten")
+    p.add_argument("--benchmark", action="store_true",
+                   help="print throughput ratios and the economy for this configuration, then stop")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.preset not in ("auto", *PRESETS):
@@ -904,7 +966,7 @@ def parse_args(argv=None):
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
     cfg["preset"] = preset
     cfg.update(device=device, checkpoint=args.checkpoint, forget=args.forget,
-               progress=not args.no_progress)
+               progress=not args.no_progress, benchmark=args.benchmark)
     if cfg["dataset"] not in DATASETS:
         raise WFError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
     if cfg["granularity"] not in ("channel", "weight"):
@@ -942,6 +1004,14 @@ def run(cfg):
     orig_meta = {**ident, **{k: cfg[k] for k in ("width", "stem_stride", "epochs", "batch_size",
                                                   "augment", "optimizer", "lr", "weight_decay",
                                                   "seed") if k in cfg}}
+    machine = dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                   device=str(dev), gpu=torch.cuda.get_device_name(dev) if cuda else None)
+    if cfg["benchmark"]:
+        res = dict(benchmark(cfg, data, make(), autocast), machine=machine,
+                   config={k: v for k, v in cfg.items() if k != "progress"})
+        _write_json(out / "benchmark.json", res)
+        _print_benchmark(res)
+        return res
 
     # 1. the original model: load --checkpoint, reuse <out>/original.pt, or train it
     model, orig_path = make(), Path(cfg["checkpoint"] or out / "original.pt")
@@ -1011,9 +1081,7 @@ def run(cfg):
     res.update(config={k: v for k, v in cfg.items() if k != "progress"},
                class_names=spec["names"],
                times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev, explain=t_ex),
-               machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                            torch=torch.__version__, device=str(dev),
-                            gpu=torch.cuda.get_device_name(dev) if cuda else None),
+               machine=machine,
                notes=dict(acc="percent; acc_f: forgotten class (lower is better), acc_r: other "
                           "classes (higher is better), orig_acc_r: original model, same samples",
                           zrf="1 - mean textbook JS (natural log) to a random-init model; "
@@ -1067,6 +1135,22 @@ def _print_table(res, names):
           f"{ex['samples']} test samples): mean Acc_f {p['mean']['acc_f']:.2f}%, Acc_r "
           f"{p['mean']['acc_r']:.2f}% ({p['mean']['acc_r_drop']:.2f} points below the original); "
           f"worst pair {worst['classes']}: Acc_f {worst['acc_f']:.1f}%")
+
+
+def _print_benchmark(res):
+    m, s = res["machine"], res["step_seconds"]
+    print(f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, device {m['device']}"
+          + (f" ({m['gpu']})" if m["gpu"] else ""))
+    print(f"plain training: {s['train']:.3f} s/step, {res['train_samples_per_s']:.0f} samples/s")
+    print(f"untraining (channel): {s['channel']:.3f} s/step, {res['untrain_samples_per_s']:.0f} "
+          f"samples/s (T-expanded); over plain training: {res['untrain_over_train_throughput']:.2f}x")
+    print(f"untraining (weight): {s['weight']:.3f} s/step; channel over weight per step: "
+          f"{res['channel_over_weight_step']:.2f}")
+    print(f"forward of {res['forward_batch']} samples: mixed forget classes over plain "
+          f"{res['mixed_over_plain_forward']:.2f}, exported over plain "
+          f"{res['exported_over_plain_forward']:.2f}")
+    print(f"economy: {res['economy_vs_retrain']:.1f} ({res['note']}; retrain "
+          f"~{res['retrain_seconds_estimate']:.0f} s, untraining ~{res['untrain_seconds_estimate']:.0f} s)")
 
 
 def main(argv=None):

@@ -520,6 +520,25 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
+def test_benchmark_prints_every_ratio(tmp_path, capsys):
+    """Figures only (timings are never asserted): every ratio is there and consistent."""
+    write_mnist_like(tmp_path / "data", "MNIST", 300, 50)
+    out = tmp_path / "b"
+    res = wfnet.run(wfnet.parse_args(FAST + ["--benchmark", "--data-dir", str(tmp_path / "data"),
+                                             "--out", str(out)]))
+    printed = capsys.readouterr().out
+    for words in ("plain training", "untraining (channel)", "untraining (weight)",
+                  "mixed forget classes over plain", "exported over plain", "economy", "torch"):
+        assert words in printed
+    s = res["step_seconds"]
+    assert res["untrain_over_train_throughput"] == pytest.approx(
+        (16 + 4 * 16) / s["channel"] / (32 / s["train"]))   # B = 32, T = 4: 16 + 4 x 16 samples
+    assert res["economy_vs_retrain"] == pytest.approx(
+        10 * res["retrain_seconds_estimate"] / res["untrain_seconds_estimate"])
+    assert json.loads((out / "benchmark.json").read_text())["machine"]["torch"] == torch.__version__
+    assert not (out / "original.pt").exists()           # a benchmark trains nothing it keeps
+
+
 def test_presets_and_flags_resolve():
     cfg = wfnet.parse_args(["--device", "cpu"])
     assert (cfg["preset"], cfg["arch"], cfg["width"], cfg["optimizer"]) == ("quick", "resnet18", 16, "sgd")
