@@ -581,18 +581,22 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
     mean = {k: sum(r[k] for r in rows) / nc for k in rows[0] if k != "cls"}
     mean["acc_r_drop_test"] = mean["orig_acc_r_test"] - mean["acc_r_test"]
     per_class_orig = [_acc(ok_orig_te[y_te == k]) for k in range(nc)]
-    confusion = torch.zeros(nc, nc).index_put_((y_te.cpu(), orig_te.argmax(-1).cpu()),
-                                               torch.ones(len(y_te)), accumulate=True)
-    confusion = 100 * confusion / confusion.sum(1, keepdim=True).clamp_min(1)
     return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(orig_tr.argmax(-1) == y_tr),
                               per_class_test_acc=per_class_orig,
-                              confusion_test=confusion.tolist()),  # % of true class (row) -> predicted
+                              confusion_test=_confusion(y_te, orig_te.argmax(-1), nc).tolist()),
                 per_class=rows, mean=mean, matrix_test=(100 * matrix).tolist(),
                 eval_train_samples=len(x_tr))
 
 
 def _acc(ok):
     return 100.0 * ok.float().mean().item() if len(ok) else float("nan")
+
+
+def _confusion(y, pred, nc):
+    """(N_c, N_c): % of the samples of true class i (row) predicted as class j."""
+    counts = torch.zeros(nc, nc).index_put_((y.cpu(), pred.cpu()), torch.ones(len(y)),
+                                            accumulate=True)
+    return 100 * counts / counts.sum(1, keepdim=True).clamp_min(1)
 
 # -----------------------------------------------------------------------------
 # explanations: row c of every alpha names the components class c depends on ("explainable by
@@ -695,12 +699,16 @@ def evaluate_sets(wf, x, y, spec, sets, batch_size=1000, autocast=contextlib.nul
     return dict(rule=wf.combine, samples=len(y), per_set=rows, mean=mean)
 
 
-def explain(wf, data, confusion, per_class=100, max_pairs=45, max_fraction=0.1, seed=0,
+def explain(wf, data, confusion=None, per_class=100, max_pairs=45, max_fraction=0.1, seed=0,
             batch_size=1000, autocast=contextlib.nullcontext):
     """Every explanation of a trained WFNet, and the pairs of classes forgotten at once, on
-    `per_class` test samples of every class (0 = the whole test set). JSON-ready."""
+    `per_class` test samples of every class (0 = the whole test set). JSON-ready. `confusion`
+    is the original model's (evaluate()["original"]["confusion_test"]); None computes it."""
     spec, nc = data["spec"], wf.num_classes
     x, y = data["test"]
+    if confusion is None:
+        confusion = _confusion(y, predict(wf, x, spec, batch_size=batch_size,
+                                          autocast=autocast).argmax(-1), nc)
     keep = _subset(y, per_class, seed)
     x, y = x[keep], y[keep]
     curves = [deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
@@ -708,7 +716,7 @@ def explain(wf, data, confusion, per_class=100, max_pairs=45, max_fraction=0.1, 
     pairs = list(itertools.combinations(range(nc), 2))
     if len(pairs) > max_pairs:                            # e.g. CIFAR-100: a random subset of pairs
         g = torch.Generator().manual_seed(seed)
-        pairs = [pairs[i] for i in sorted(torch.randperm(len(pairs), generator=g)[:max_pairs])]
+        pairs = [pairs[i] for i in sorted(torch.randperm(len(pairs), generator=g)[:max_pairs].tolist())]
     wins = sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"] for r in curves)
     holds = sum(r["deletion_alpha"]["auc_other"] > r["deletion_alpha"]["auc_c"] for r in curves)
     return dict(samples=len(y), alpha=alpha_summary(wf), **class_similarity(wf, confusion),

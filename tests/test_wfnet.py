@@ -215,6 +215,8 @@ def test_class_similarity_and_its_correlation_with_confusion():
     assert torch.allclose(sim, torch.tensor([[1.0, 1, 0], [1, 1, 0], [0, 0, 1]]), atol=1e-6)
     assert r["pearson"] == pytest.approx(1.0) and r["spearman"] == pytest.approx(1.0)
     assert wfnet._pearson(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1)
+    conf = wfnet._confusion(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0]), 3)
+    assert conf.tolist() == [[50, 50, 0], [0, 100, 0], [100, 0, 0]]
 
 
 def test_pairs_table_counts_both_forgotten_classes():
@@ -223,6 +225,9 @@ def test_pairs_table_counts_both_forgotten_classes():
     with torch.no_grad():
         for c in range(4):
             wf.alpha[0][c, c] = 0                         # each row forgets its own class exactly
+    data = dict(test=(x, y), spec=spec)                    # explain() from Python, no confusion given
+    ex = wfnet.explain(wf, data, per_class=0, max_fraction=0.25, max_pairs=2)
+    assert len(ex["pairs"]["per_set"]) == 2 and ex["samples"] == len(y) and len(ex["curves"]) == 4
     r = wfnet.evaluate_sets(wf, x, y, spec, [(0, 1), (1, 3)])
     assert [s["classes"] for s in r["per_set"]] == [[0, 1], [1, 3]]
     # forget {0, 1}: classes 0 and 1 are lost; 2 and 3 are untouched
