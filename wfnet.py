@@ -548,9 +548,13 @@ def mia_efficacy(conf_members, conf_nonmembers, conf_forget, seed=0, max_fit=300
 
 
 def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1000,
-             autocast=contextlib.nullcontext):
-    """Every metric of the ONE WFNet, for every class c. Returns a JSON-ready dict."""
-    spec, nc = data["spec"], wf.num_classes
+             autocast=contextlib.nullcontext, forgotten=None, classes=None):
+    """Every metric of the ONE WFNet, for every class c (or for `classes`). Returns a
+    JSON-ready dict. For another method, wf is the original model and forgotten(c) the model
+    that forgot class c."""
+    spec = data["spec"]
+    nc, classes = spec["classes"], range(spec["classes"]) if classes is None else classes
+    forgotten = forgotten or (lambda c: partial(wf, forget=c))
     x_te, y_te = data["test"]
     x_tr, y_tr = data["train"]
     if eval_train and eval_train < len(x_tr):  # a fixed random subset keeps CPU runs short
@@ -561,9 +565,10 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
     orig_te, orig_tr = run(wf, x_te), run(wf, x_tr)
     rand_te = run(random_model, x_te) if random_model is not None else None
     ok_orig_te = orig_te.argmax(-1) == y_te
-    matrix, rows = torch.zeros(nc, nc), []
-    for c in range(nc):
-        p_te, p_tr = run(wf, x_te, forget=c), run(wf, x_tr, forget=c)
+    matrix, rows = torch.full((nc, nc), float("nan")), []
+    for c in classes:
+        net = forgotten(c)
+        p_te, p_tr = run(net, x_te), run(net, x_tr)
         ok_te, ok_tr = p_te.argmax(-1) == y_te, p_tr.argmax(-1) == y_tr
         f_te, f_tr = y_te == c, y_tr == c
         for k in range(nc):
@@ -578,7 +583,7 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
         if rand_te is not None:
             row["zrf"] = zrf_score(p_te[f_te], rand_te[f_te])
         rows.append(row)
-    mean = {k: sum(r[k] for r in rows) / nc for k in rows[0] if k != "cls"}
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "cls"}
     mean["acc_r_drop_test"] = mean["orig_acc_r_test"] - mean["acc_r_test"]
     per_class_orig = [_acc(ok_orig_te[y_te == k]) for k in range(nc)]
     return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(orig_tr.argmax(-1) == y_tr),
