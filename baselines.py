@@ -172,12 +172,14 @@ def run(args, cfg):
         wf = wfnet.WFNet(copy.deepcopy(original), nc, cfg["granularity"], cfg["combine"])
         if not (out / "wfnet.pt").exists():
             raise wfnet.WFError(f"{out / 'wfnet.pt'} not found: run `python wfnet.py` first")
-        wf.alpha.load_state_dict(wfnet.load_checkpoint(out / "wfnet.pt")["state_dict"])
+        ckpt = wfnet.load_checkpoint(out / "wfnet.pt")
+        wf.alpha.load_state_dict(ckpt["state_dict"])
+        shared = ckpt["meta"].get("untrain_seconds", float("nan")) / nc   # one untraining, N_c classes
     models, seconds, probes = {}, {}, {}
     for c in classes:
         t0 = time.time()
         net = unlearn(args.method, copy.deepcopy(original), data, c, cfg, make, wf)
-        seconds[c] = time.time() - t0
+        seconds[c] = time.time() - t0 if wf is None else shared
         models[c] = net.requires_grad_(False)
         probes[c] = probe_accuracy(net, data, args.probe_train, seed=cfg["seed"])[c]
         print(f"{args.method}: class {c} in {seconds[c]:.0f} s, probe on class {c}: "
