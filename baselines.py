@@ -155,8 +155,7 @@ def run(args, cfg):
     classes = args.classes if args.classes is not None else list(range(nc))
     if any(not 0 <= c < nc for c in classes):
         raise wfnet.WFError(f"--classes must lie in 0..{nc - 1}")
-    make = lambda: wfnet.build_model(cfg["arch"], nc, x_tr.shape[1], x_tr.shape[2], cfg["width"],
-                                     cfg.get("stem_stride", 1)).to(dev, memory_format=torch.channels_last)
+    make = lambda: wfnet.model_from_config(cfg, spec, x_tr.shape[1:], dev)
     path = out / "original.pt"
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py` with the same flags first")

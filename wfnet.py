@@ -1001,6 +1001,12 @@ def parse_args(argv=None):
     return cfg
 
 
+def model_from_config(cfg, spec, shape, device):
+    """A fresh backbone for this run's settings, channels_last on `device`; shape is (C, H, W)."""
+    return build_model(cfg["arch"], spec["classes"], shape[0], shape[1], cfg["width"],
+                       cfg.get("stem_stride", 1)).to(device, memory_format=torch.channels_last)
+
+
 def run(cfg):
     torch.manual_seed(cfg["seed"])
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
@@ -1011,8 +1017,7 @@ def run(cfg):
     x_tr, y_tr = data["train"]
     nc, shape = spec["classes"], x_tr.shape[1:]           # (C, H, W)
     out.mkdir(parents=True, exist_ok=True)
-    make = lambda: build_model(cfg["arch"], nc, shape[0], shape[1], cfg["width"],
-                               cfg.get("stem_stride", 1)).to(dev, memory_format=torch.channels_last)
+    make = partial(model_from_config, cfg, spec, shape, dev)
     ident = dict(dataset=cfg["dataset"], arch=cfg["arch"], num_classes=nc)
     orig_meta = {**ident, **{k: cfg[k] for k in ("width", "stem_stride", "epochs", "batch_size",
                                                   "augment", "optimizer", "lr", "weight_decay",
