@@ -88,7 +88,7 @@ def unlearn(method, original, data, c, cfg, make, wf=None):
                                     cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["seed"],
                                     progress=False, optimizer=cfg["optimizer"],
                                     augment=cfg["augment"])
-    steps = max(1, round(cfg["untrain_epochs"] * (len(x) // cfg["untrain_batch_size"])))
+    steps = wfnet.untrain_steps(len(x), cfg["untrain_epochs"], cfg["untrain_batch_size"])
     return _sgd_steps(copy.deepcopy(original), x, y, spec, c, steps, method, seed=cfg["seed"])
 
 # -----------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def run(args, cfg):
 
 
 def _budget(method, cfg, n):
-    steps = max(1, round(cfg["untrain_epochs"] * (n // cfg["untrain_batch_size"])))
+    steps = wfnet.untrain_steps(n, cfg["untrain_epochs"], cfg["untrain_batch_size"])
     return {"retrain": f"the original recipe from scratch without class c: {cfg['epochs']} epochs",
             "logit_mask": "none (logit c set to -inf)",
             "wfnet": "one untraining for all classes (wfnet.pt); exported per class",

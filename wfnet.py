@@ -415,13 +415,18 @@ def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, la
     return lambda0 * L_r + lambda1 * L_f + lambda2 * R, L_r, L_f, R
 
 
+def untrain_steps(n, epochs, batch_size):
+    """Optimizer steps of an untraining over n samples; epochs may be fractional (0.8)."""
+    return max(1, round(epochs * (n // batch_size)))
+
+
 def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0, lambda1=1.0,
             lambda2=1.0, seed=0, autocast=contextlib.nullcontext, progress=True):
     """Train the memory matrices of `wf` for all classes in one round. Returns the history."""
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     n, half, nc = len(x), batch_size // 2, wf.num_classes
-    steps = max(1, round(epochs * (n // batch_size)))     # epochs may be fractional (0.5)
+    steps = untrain_steps(n, epochs, batch_size)
     opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     history, skipped, perm = [], 0, torch.empty(0, dtype=torch.long)
@@ -863,9 +868,9 @@ def benchmark(cfg, data, model, autocast=contextlib.nullcontext, steps=5, repeat
         fwd = _median_seconds(dict(plain=lambda: wf.model(xb), mixed=lambda: wf(xb, forget=mixed),
                                    exported=lambda: exported(xb)), dev, repeat * 3)
     train_steps = cfg["epochs"] * (len(x) // B)
-    untrain_steps = max(1, round(cfg["untrain_epochs"] * (len(x) // Bu)))
+    n_untrain = untrain_steps(len(x), cfg["untrain_epochs"], Bu)
     retrain_s = step["train"] * train_steps * (nc - 1) / nc   # the same recipe without class c
-    untrain_s = step["channel"] * untrain_steps
+    untrain_s = step["channel"] * n_untrain
     per_step = Bu // 2 + T * (Bu - Bu // 2)               # forget half + T-expanded retain half
     return dict(
         train_samples_per_s=B / step["train"], untrain_samples_per_s=per_step / step["channel"],
@@ -876,7 +881,7 @@ def benchmark(cfg, data, model, autocast=contextlib.nullcontext, steps=5, repeat
         retrain_seconds_estimate=retrain_s, untrain_seconds_estimate=untrain_s,
         economy_vs_retrain=nc * retrain_s / untrain_s,
         note=f"economy = {nc} retrains ({cfg['epochs']} epochs, {train_steps} steps each, on "
-             f"{nc - 1}/{nc} of the data) over one untraining of all classes ({untrain_steps} "
+             f"{nc - 1}/{nc} of the data) over one untraining of all classes ({n_untrain} "
              "steps), from the step times above")
 
 # -----------------------------------------------------------------------------
@@ -1136,11 +1141,13 @@ def _print_table(res, names):
         return
     print(f"deletion / insertion areas (mean accuracy in %, up to "
           f"{100 * ex['curves'][0]['fraction'][-1]:.0f}% of all components; lower deletion_c is better):")
-    heads = [(f"{curve}_{order}", part) for curve in ("deletion", "insertion")
-             for order in ("alpha", "random") for part in ("auc_c", "auc_other")]
-    print(f"{'class':>14} " + " ".join(f"{k[:3] + p[3:] + k[k.index('_'):]:>15}" for k, p in heads))
+    heads = [(curve, order, part) for curve in ("deletion", "insertion")
+             for order in ("alpha", "random") for part in ("c", "other")]
+    labels = [f"{curve[:3]}_{part}_{order}" for curve, order, part in heads]   # e.g. del_c_alpha
+    print(f"{'class':>14} " + " ".join(f"{label:>15}" for label in labels))
     for c, r in enumerate(ex["curves"]):
-        print(f"{names[c][:14]:>14} " + " ".join(f"{r[k][p]:>15.1f}" for k, p in heads))
+        print(f"{names[c][:14]:>14} " + " ".join(f"{r[f'{curve}_{order}'][f'auc_{part}']:>15.1f}"
+                                                 for curve, order, part in heads))
     nc = len(ex["curves"])
     print(f"deletion in alpha order drops class c faster than a random order for "
           f"{ex['deletion_alpha_beats_random']}/{nc} classes; the other classes hold up better than "
