@@ -139,20 +139,23 @@ def main(argv=None):
     p.add_argument("--probe-train", type=int, default=10000, help="probe training samples")
     args, rest = p.parse_known_args(argv)
     try:
-        cfg = wfnet.parse_args(rest)
-        res = run(args, cfg)
+        cfg = {**wfnet.parse_args(rest), **vars(args)}
+        if cfg["seeds"]:
+            return wfnet.run_seeds(cfg, run, name=f"baseline_{cfg['method']}.json")
+        return run(cfg)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return res
 
 
-def run(args, cfg):
+def run(cfg):
+    """One method, its classes, evaluated; cfg is wfnet's plus method, classes, probe_train."""
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], dev)
     spec, (x_tr, _) = data["spec"], data["train"]
     nc = spec["classes"]
-    classes = args.classes if args.classes is not None else list(range(nc))
+    method = cfg["method"]
+    classes = cfg["classes"] if cfg["classes"] is not None else list(range(nc))
     if any(not 0 <= c < nc for c in classes):
         raise wfnet.WFError(f"--classes must lie in 0..{nc - 1}")
     make = lambda: wfnet.model_from_config(cfg, spec, x_tr.shape[1:], dev)
@@ -167,7 +170,7 @@ def run(args, cfg):
         raise wfnet.WFError(f"{path} does not fit these flags (width, stem stride?)") from None
     original.eval().requires_grad_(False)
     wf = None
-    if args.method == "wfnet":
+    if method == "wfnet":
         wf = wfnet.WFNet(copy.deepcopy(original), nc, cfg["granularity"], cfg["combine"])
         if not (out / "wfnet.pt").exists():
             raise wfnet.WFError(f"{out / 'wfnet.pt'} not found: run `python wfnet.py` first")
@@ -177,11 +180,11 @@ def run(args, cfg):
     models, seconds, probes = {}, {}, {}
     for c in classes:
         t0 = time.time()
-        net = unlearn(args.method, copy.deepcopy(original), data, c, cfg, make, wf)
+        net = unlearn(method, copy.deepcopy(original), data, c, cfg, make, wf)
         seconds[c] = time.time() - t0 if wf is None else shared
         models[c] = net.requires_grad_(False)
-        probes[c] = probe_accuracy(net, data, args.probe_train, seed=cfg["seed"])[c]
-        print(f"{args.method}: class {c} in {seconds[c]:.0f} s, probe on class {c}: "
+        probes[c] = probe_accuracy(net, data, cfg["probe_train"], seed=cfg["seed"])[c]
+        print(f"{method}: class {c} in {seconds[c]:.0f} s, probe on class {c}: "
               f"{probes[c]:.1f}%", flush=True)
     torch.manual_seed(cfg["seed"] + 1)                    # the same T_d as wfnet.py's
     random_model = make().eval()
@@ -189,17 +192,16 @@ def run(args, cfg):
                          forgotten=models.__getitem__, classes=classes)
     for r in res["per_class"]:
         r["probe_c"], r["seconds"] = probes[r["cls"]], seconds[r["cls"]]
-    res["mean"].update(probe_c=sum(probes.values()) / len(probes),
-                       seconds=sum(seconds.values()) / len(seconds))
-    orig_probe = probe_accuracy(original, data, args.probe_train, seed=cfg["seed"])
+    orig_probe = probe_accuracy(original, data, cfg["probe_train"], seed=cfg["seed"])
     orig_probe = sum(orig_probe[c] for c in classes) / len(classes)
-    res.update(method=args.method, classes=classes, budget=_budget(args.method, cfg, len(x_tr)),
-               original_probe_c=orig_probe,
+    res["mean"].update(probe_c=sum(probes.values()) / len(probes), original_probe_c=orig_probe,
+                       seconds=sum(seconds.values()) / len(seconds))
+    res.update(method=method, classes=classes, budget=_budget(method, cfg, len(x_tr)),
                config={k: v for k, v in cfg.items() if k != "progress"})
-    path = out / f"baseline_{args.method}.json"
+    path = out / f"baseline_{method}.json"
     wfnet._write_json(path, res)
     m = res["mean"]
-    print(f"{args.method} over classes {classes}: Acc_f {m['acc_f_test']:.2f}%, Acc_r "
+    print(f"{method} over classes {classes}: Acc_f {m['acc_f_test']:.2f}%, Acc_r "
           f"{m['acc_r_test']:.2f}% ({m['acc_r_drop_test']:.2f} points below the original), "
           f"train Acc_f {m['acc_f_train']:.2f}% / Acc_r {m['acc_r_train']:.2f}%, ZRF {m['zrf']:.3f}, "
           f"MIA-efficacy {m['mia_efficacy']:.3f}, probe on class c {m['probe_c']:.1f}% (the "

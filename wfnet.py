@@ -16,7 +16,7 @@ The file reads in the order of the idea: data -> backbones -> weight filtering -
 Where the paper is silent, the choice made here is marked "CHOICE:".
 Measured results (command, machine, time) are in README.md.
 """
-import argparse, contextlib, copy, gzip, itertools, json, math, os, pickle, platform, struct, sys, time
+import argparse, contextlib, copy, gzip, itertools, json, math, os, pickle, platform, statistics, struct, sys, time
 from functools import partial
 from pathlib import Path
 
@@ -825,66 +825,6 @@ def _savefig(fig, path):
     os.replace(str(path) + ".tmp", path)
 
 # -----------------------------------------------------------------------------
-# benchmark: what the method costs, as ratios measured in one run on one machine. The backbone
-# keeps its random initialization (speed does not depend on the weights). Every timing runs
-# the real code path (train_original, untrain, WFNet.forward, export): once to warm up, then
-# `repeat` times, interleaved, keeping the median.
-
-def _median_seconds(fns, device, repeat=5):
-    """{name: median wall time of fn()} over `repeat` interleaved rounds, after one warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {k: [] for k in fns}
-    for r in range(repeat + 1):
-        for k, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if r:                                         # round 0 warms up (and compiles)
-                times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
-def benchmark(cfg, data, model, autocast=contextlib.nullcontext, steps=5, repeat=3):
-    """Untraining vs training throughput, mixed-class and exported forwards vs a plain one,
-    channel vs weight granularity, and the economy: N_c retrains over one untraining."""
-    spec, (x, y) = data["spec"], data["train"]
-    nc, dev, B, Bu, T = spec["classes"], x.device, cfg["batch_size"], cfg["untrain_batch_size"], cfg["T"]
-    net = torch.compile(model) if cfg["compile"] else model
-    train = lambda: train_original(net, x[:steps * B], y[:steps * B], spec, 1, B, cfg["lr"],
-                                   cfg["weight_decay"], autocast=autocast, progress=False,
-                                   optimizer=cfg["optimizer"], augment=cfg["augment"])
-    wfs = {g: WFNet(copy.deepcopy(model), nc, g) for g in ("channel", "weight")}
-    untrain_with = lambda g: lambda: untrain(wfs[g], x[:steps * Bu], y[:steps * Bu], spec, 1, Bu, T,
-                                             autocast=autocast, progress=False)
-    step = {k: t / steps for k, t in _median_seconds(
-        dict(train=train, channel=untrain_with("channel"), weight=untrain_with("weight")),
-        dev, repeat).items()}
-    wf, n = wfs["channel"], min(len(x), 4 * B)
-    xb = transform(x[:n], spec)
-    mixed = torch.randint(0, nc, (n,), device=dev)        # a different forget class per sample
-    exported = wf.export(0).eval()
-    with torch.no_grad(), autocast():
-        fwd = _median_seconds(dict(plain=lambda: wf.model(xb), mixed=lambda: wf(xb, forget=mixed),
-                                   exported=lambda: exported(xb)), dev, repeat * 3)
-    train_steps = cfg["epochs"] * (len(x) // B)
-    n_untrain = untrain_steps(len(x), cfg["untrain_epochs"], Bu)
-    retrain_s = step["train"] * train_steps * (nc - 1) / nc   # the same recipe without class c
-    untrain_s = step["channel"] * n_untrain
-    per_step = Bu // 2 + T * (Bu - Bu // 2)               # forget half + T-expanded retain half
-    return dict(
-        train_samples_per_s=B / step["train"], untrain_samples_per_s=per_step / step["channel"],
-        untrain_over_train_throughput=(per_step / step["channel"]) / (B / step["train"]),
-        step_seconds=step, channel_over_weight_step=step["channel"] / step["weight"],
-        forward_seconds=fwd, forward_batch=n, mixed_over_plain_forward=fwd["mixed"] / fwd["plain"],
-        exported_over_plain_forward=fwd["exported"] / fwd["plain"],
-        retrain_seconds_estimate=retrain_s, untrain_seconds_estimate=untrain_s,
-        economy_vs_retrain=nc * retrain_s / untrain_s,
-        note=f"economy = {nc} retrains ({cfg['epochs']} epochs, {train_steps} steps each, on "
-             f"{nc - 1}/{nc} of the data) over one untraining of all classes ({n_untrain} "
-             "steps), from the step times above")
-
-# -----------------------------------------------------------------------------
 # checkpoints: written to a temporary file, then renamed; loaded with weights_only=True.
 # Each holds {"meta": the settings that made it, "state_dict": tensors}.
 
@@ -960,8 +900,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="an original-model checkpoint to start from")
     p.add_argument("--forget", type=int, nargs="+",
                    help="also export the model with this class (or set of classes) forgotten")
-    p.add_argument("--benchmark", action="store_true",
-                   help="print throughput ratios and the economy for this configuration, then stop")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run once per seed, in <out>/seed<k>, and report mean and std over them")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.preset not in ("auto", *PRESETS):
@@ -984,7 +924,7 @@ def parse_args(argv=None):
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
     cfg["preset"] = preset
     cfg.update(device=device, checkpoint=args.checkpoint, forget=args.forget,
-               progress=not args.no_progress, benchmark=args.benchmark)
+               progress=not args.no_progress, seeds=args.seeds)
     if cfg["dataset"] not in DATASETS:
         raise WFError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
     if cfg["granularity"] not in ("channel", "weight"):
@@ -1012,11 +952,23 @@ def model_from_config(cfg, spec, shape, device):
                        cfg.get("stem_stride", 1)).to(device, memory_format=torch.channels_last)
 
 
+def autocast_for(device):
+    """bf16 autocast on CUDA; float32 on CPU (a context that does nothing)."""
+    if device.type == "cuda":
+        return partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _machine(device):
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+
+
 def run(cfg):
     torch.manual_seed(cfg["seed"])
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
-    cuda = dev.type == "cuda"
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext
+    autocast = autocast_for(dev)
     data = load_dataset(cfg["dataset"], cfg["data_dir"], dev)
     spec = data["spec"]
     x_tr, y_tr = data["train"]
@@ -1027,14 +979,6 @@ def run(cfg):
     orig_meta = {**ident, **{k: cfg[k] for k in ("width", "stem_stride", "epochs", "batch_size",
                                                   "augment", "optimizer", "lr", "weight_decay",
                                                   "seed") if k in cfg}}
-    machine = dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                   device=str(dev), gpu=torch.cuda.get_device_name(dev) if cuda else None)
-    if cfg["benchmark"]:
-        res = dict(benchmark(cfg, data, make(), autocast), machine=machine,
-                   config={k: v for k, v in cfg.items() if k != "progress"})
-        _write_json(out / "benchmark.json", res)
-        _print_benchmark(res)
-        return res
 
     # 1. the original model: load --checkpoint, reuse <out>/original.pt, or train it
     model, orig_path = make(), Path(cfg["checkpoint"] or out / "original.pt")
@@ -1104,7 +1048,7 @@ def run(cfg):
     res.update(config={k: v for k, v in cfg.items() if k != "progress"},
                class_names=spec["names"],
                times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev, explain=t_ex),
-               machine=machine,
+               machine=_machine(dev),
                notes=dict(acc="percent; acc_f: forgotten class (lower is better), acc_r: other "
                           "classes (higher is better), orig_acc_r: original model, same samples",
                           zrf="1 - mean textbook JS (natural log) to a random-init model; "
@@ -1122,6 +1066,64 @@ def run(cfg):
     print(f"times: pretrain {t_pre:.0f} s, untrain {t_un:.0f} s, evaluate {t_ev:.0f} s, "
           f"explain {t_ex:.0f} s; results -> {out / 'results.json'}, plots -> {out}/*.png")
     return res
+
+
+# -----------------------------------------------------------------------------
+# seeds: one configuration repeated, each figure reported as mean and standard deviation.
+
+RUN_ONLY = ("progress", "seeds", "forget", "out",   # settings that do not change a result
+            "benchmark")                          # (a flag of earlier versions)
+
+
+def run_seeds(cfg, run_one=None, name="results.json"):
+    """`run_one(cfg)` (default: run) once per seed of cfg["seeds"], each in <out>/seed<k>. A
+    seed whose <out>/seed<k>/<name> was written with the same settings is read back, not run
+    again. Mean and sample standard deviation (n - 1) of every figure -> <out>/seeds_<name>."""
+    results = []
+    for seed in cfg["seeds"]:
+        one = {**cfg, "seed": seed, "out": str(Path(cfg["out"]) / f"seed{seed}"), "seeds": None}
+        path = Path(one["out"]) / name
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if _settings(old.get("config", {})) == _settings(json.loads(json.dumps(one))):
+            print(f"seed {seed}: reusing {path}")
+            results.append(old)
+        else:
+            print(f"seed {seed}: running into {one['out']}", flush=True)
+            results.append((run_one or run)(one))
+    figures = [_figures(r) for r in results]
+    keys = [k for k in figures[0] if all(k in f for f in figures)]
+    summary = dict(seeds=cfg["seeds"], std="sample standard deviation (n - 1)",
+                   figures={k: dict(mean=statistics.mean(f[k] for f in figures),
+                                    std=statistics.stdev(f[k] for f in figures)
+                                    if len(figures) > 1 else 0.0,
+                                    values=[f[k] for f in figures]) for k in keys},
+                   config={k: v for k, v in cfg.items() if k != "progress"})
+    path = Path(cfg["out"]) / f"seeds_{name}"
+    _write_json(path, summary)
+    print(f"over seeds {cfg['seeds']}: mean +- sample std (the values per seed) -> {path}")
+    for k, v in summary["figures"].items():
+        print(f"{k:>28} {v['mean']:10.3f} +- {v['std']:7.3f}   ("
+              + ", ".join(f"{x:.3f}" for x in v["values"]) + ")")
+    return summary
+
+
+def _settings(config):
+    return {k: v for k, v in config.items() if k not in RUN_ONLY}
+
+
+def _figures(res):
+    """The scalar figures of one run: the original's accuracy, the mean over classes of every
+    metric, the wall times and the explanation summaries, by name."""
+    figures = {f"original_{k}": res["original"][k] for k in ("test_acc", "train_acc")}
+    figures.update(res["mean"])
+    figures.update({f"seconds_{k}": v for k, v in res.get("times_s", {}).items()})
+    if "explain" in res:
+        ex = res["explain"]
+        figures.update(pairs_acc_f=ex["pairs"]["mean"]["acc_f"],
+                       pairs_acc_r_drop=ex["pairs"]["mean"]["acc_r_drop"],
+                       deletion_alpha_beats_random=ex["deletion_alpha_beats_random"],
+                       pearson=ex["pearson"])
+    return figures
 
 
 def _print_table(res, names):
@@ -1162,25 +1164,10 @@ def _print_table(res, names):
           f"worst pair {worst['classes']}: Acc_f {worst['acc_f']:.1f}%")
 
 
-def _print_benchmark(res):
-    m, s = res["machine"], res["step_seconds"]
-    print(f"machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, device {m['device']}"
-          + (f" ({m['gpu']})" if m["gpu"] else ""))
-    print(f"plain training: {s['train']:.3f} s/step, {res['train_samples_per_s']:.0f} samples/s")
-    print(f"untraining (channel): {s['channel']:.3f} s/step, {res['untrain_samples_per_s']:.0f} "
-          f"samples/s (T-expanded); over plain training: {res['untrain_over_train_throughput']:.2f}x")
-    print(f"untraining (weight): {s['weight']:.3f} s/step; channel over weight per step: "
-          f"{res['channel_over_weight_step']:.2f}")
-    print(f"forward of {res['forward_batch']} samples: mixed forget classes over plain "
-          f"{res['mixed_over_plain_forward']:.2f}, exported over plain "
-          f"{res['exported_over_plain_forward']:.2f}")
-    print(f"economy: {res['economy_vs_retrain']:.1f} ({res['note']}; retrain "
-          f"~{res['retrain_seconds_estimate']:.0f} s, untraining ~{res['untrain_seconds_estimate']:.0f} s)")
-
-
 def main(argv=None):
     try:
-        run(parse_args(argv))
+        cfg = parse_args(argv)
+        run_seeds(cfg) if cfg["seeds"] else run(cfg)
     except WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -86,3 +86,21 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         baselines.main(["--method", "finetune", "--classes", "12"] + flags)
     assert e.value.code == 2
+
+
+def test_seeds_summarize_a_baseline(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
+    flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
+    wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0", "1"]))
+    method = ["--method", "logit_mask", "--classes", "1", "--probe-train", "100"]
+    summary = baselines.main(method + flags + ["--seeds", "0", "1"])
+    runs = [json.loads((tmp_path / "o" / f"seed{k}" / "baseline_logit_mask.json").read_text())
+            for k in (0, 1)]
+    assert summary["figures"]["probe_c"]["values"] == [r["mean"]["probe_c"] for r in runs]
+    assert summary["figures"]["acc_f_test"]["mean"] == 0  # logit masking, every seed
+    capsys.readouterr()
+    baselines.main(method + flags + ["--seeds", "0", "1"])
+    assert capsys.readouterr().out.count("reusing") == 2
+    baselines.main(["--method", "logit_mask", "--classes", "2", "--probe-train", "100"] + flags
+                   + ["--seeds", "0"])
+    assert "running" in capsys.readouterr().out           # other classes: run again

@@ -525,23 +525,28 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
-def test_benchmark_prints_every_ratio(tmp_path, capsys):
-    """Figures only (timings are never asserted): every ratio is there and consistent."""
-    write_mnist_like(tmp_path / "data", "MNIST", 300, 50)
-    out = tmp_path / "b"
-    res = wfnet.run(wfnet.parse_args(FAST + ["--benchmark", "--data-dir", str(tmp_path / "data"),
-                                             "--out", str(out)]))
-    printed = capsys.readouterr().out
-    for words in ("plain training", "untraining (channel)", "untraining (weight)",
-                  "mixed forget classes over plain", "exported over plain", "economy", "torch"):
-        assert words in printed
-    s = res["step_seconds"]
-    assert res["untrain_over_train_throughput"] == pytest.approx(
-        (16 + 4 * 16) / s["channel"] / (32 / s["train"]))   # B = 32, T = 4: 16 + 4 x 16 samples
-    assert res["economy_vs_retrain"] == pytest.approx(
-        10 * res["retrain_seconds_estimate"] / res["untrain_seconds_estimate"])
-    assert json.loads((out / "benchmark.json").read_text())["machine"]["torch"] == torch.__version__
-    assert not (out / "original.pt").exists()           # a benchmark trains nothing it keeps
+def test_seeds_report_mean_and_std_and_reuse_finished_seeds(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
+    out = tmp_path / "s"
+    args = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--explain-samples", "2"]
+    summary = wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "0", "1"]))
+    runs = [json.loads((out / f"seed{k}" / "results.json").read_text()) for k in (0, 1)]
+    assert [r["config"]["seed"] for r in runs] == [0, 1]
+    for key, run_value in (("acc_f_test", lambda r: r["mean"]["acc_f_test"]),
+                           ("original_test_acc", lambda r: r["original"]["test_acc"]),
+                           ("pairs_acc_f", lambda r: r["explain"]["pairs"]["mean"]["acc_f"])):
+        values = [run_value(r) for r in runs]
+        fig = summary["figures"][key]
+        assert fig["values"] == pytest.approx(values)
+        assert fig["mean"] == pytest.approx(np.mean(values))
+        assert fig["std"] == pytest.approx(np.std(values, ddof=1))
+    assert json.loads((out / "seeds_results.json").read_text())["seeds"] == [0, 1]
+    capsys.readouterr()
+    again = wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "0"]))
+    assert capsys.readouterr().out.count("reusing") == 2   # finished seeds are read back
+    assert again["figures"]["acc_f_test"]["values"] == summary["figures"]["acc_f_test"]["values"][::-1]
+    wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "--lambda1", "2"]))
+    assert "running" in capsys.readouterr().out           # other settings: run again
 
 
 def test_presets_and_flags_resolve():

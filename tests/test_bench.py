@@ -1,0 +1,46 @@
+"""Tests for bench.py: every ratio is printed and consistent (timings are never asserted)."""
+import json, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baselines  # noqa: E402
+import bench  # noqa: E402
+import wfnet  # noqa: E402
+from test_wfnet import FAST, write_mnist_like  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def test_benchmark_prints_every_ratio(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 300, 50)
+    out = tmp_path / "b"
+    res = bench.main(FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    for words in ("plain training", "untraining (channel)", "untraining (weight)",
+                  "mixed forget classes over plain", "exported over plain", "vs retrain",
+                  "vs finetune", "vs neggrad", "vs random_label", "torch"):
+        assert words in printed
+    s = res["step_seconds"]
+    assert res["untrain_over_train_throughput"] == pytest.approx(
+        (16 + 4 * 16) / s["channel"] / (32 / s["train"]))   # B = 32, T = 4: 16 + 4 x 16 samples
+    steps = wfnet.untrain_steps(300, 1, 32)
+    assert res["untrain_seconds_estimate"] == pytest.approx(s["channel"] * steps)
+    assert res["economy_estimate"]["finetune"] == pytest.approx(10 * s["finetune"] / s["channel"])
+    retrain_steps = (300 // 32) * 9 // 10                 # one epoch without class c
+    assert res["economy_estimate"]["retrain"] == pytest.approx(
+        10 * s["train"] * retrain_steps / (s["channel"] * steps))
+    assert json.loads((out / "benchmark.json").read_text())["machine"]["torch"] == torch.__version__
+    assert not (out / "original.pt").exists() and res["measured"] == {}   # nothing trained, kept
+
+
+def test_measured_economy_reads_the_runs(tmp_path):
+    wfnet.save_checkpoint(tmp_path / "wfnet.pt", dict(untrain_seconds=20.0), {})
+    assert bench.measured_economy(tmp_path, 10) == {}      # no baseline has run
+    wfnet._write_json(tmp_path / "baseline_retrain.json", dict(mean=dict(seconds=50.0)))
+    wfnet._write_json(tmp_path / "baseline_finetune.json", dict(mean=dict(seconds=4.0)))
+    assert bench.measured_economy(tmp_path, 10) == dict(
+        untrain_seconds=20.0, economy=dict(retrain=25.0, finetune=2.0))
