@@ -8,6 +8,7 @@ each is run once per chosen class and evaluated with wfnet.evaluate, plus a line
     python baselines.py --method finetune            # then each baseline, all classes
     python baselines.py --method retrain --classes 0 3
     python baselines.py --method wfnet               # the probe for WF-Net itself
+    python baselines.py --method neggrad --seeds 0 1 2   # after python wfnet.py --seeds 0 1 2
 
 --method: retrain | logit_mask | finetune | neggrad | random_label | wfnet. Every other flag is
 wfnet.py's and must match the run that made <out>/original.pt. Writes <out>/baseline_<method>.json.
@@ -18,7 +19,7 @@ of batch 128 in the quick preset), SGD with momentum 0.9, lr 0.01 decaying linea
 batch 128, crop/flip augmentation. Retrain is the original recipe from scratch on the data
 without class c. Logit masking sets logit c to -inf and trains nothing.
 """
-import argparse, copy, json, sys, time
+import argparse, contextlib, copy, sys, time
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ class LogitMask(nn.Module):
         return out
 
 
-def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0):
+def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0,
+               autocast=contextlib.nullcontext):
     """Fine-tune (retain CE), NegGrad (retain CE - forget CE, capped) or random label
     (retain CE + CE of forget samples with a random other label), `steps` SGD steps."""
     g = torch.Generator().manual_seed(seed)
@@ -57,11 +59,13 @@ def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0):
     model.train()
     for _ in range(steps):
         ir = retain[torch.randint(len(retain), (batch_size,), generator=g).to(retain.device)]
-        loss = F.cross_entropy(model(wfnet.transform(x[ir], spec, True, g)), y[ir])
+        with autocast():
+            loss = F.cross_entropy(model(wfnet.transform(x[ir], spec, True, g)), y[ir])
         if mode != "finetune":
             n = batch_size // 2
             f = forget[torch.randint(len(forget), (n,), generator=g).to(forget.device)]
-            logits = model(wfnet.transform(x[f], spec, True, g))
+            with autocast():
+                logits = model(wfnet.transform(x[f], spec, True, g))
             if mode == "neggrad":
                 loss = loss - F.cross_entropy(logits, y[f]).clamp(max=ASCENT_CAP)
             else:                                         # random label: any class but c
@@ -75,8 +79,9 @@ def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0):
 
 
 def unlearn(method, original, data, c, cfg, make, wf=None):
-    """The model that forgot class c by `method`."""
+    """The model that forgot class c by `method` (bf16 autocast on CUDA, like wfnet.py)."""
     spec, (x, y) = data["spec"], data["train"]
+    autocast = wfnet.autocast_for(x.device)
     if method == "logit_mask":
         return LogitMask(original, c)
     if method == "wfnet":
@@ -86,10 +91,11 @@ def unlearn(method, original, data, c, cfg, make, wf=None):
         torch.manual_seed(cfg["seed"])
         return wfnet.train_original(make(), x[keep], y[keep], spec, cfg["epochs"],
                                     cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["seed"],
-                                    progress=False, optimizer=cfg["optimizer"],
+                                    autocast, progress=False, optimizer=cfg["optimizer"],
                                     augment=cfg["augment"])
     steps = wfnet.untrain_steps(len(x), cfg["untrain_epochs"], cfg["untrain_batch_size"])
-    return _sgd_steps(copy.deepcopy(original), x, y, spec, c, steps, method, seed=cfg["seed"])
+    return _sgd_steps(copy.deepcopy(original), x, y, spec, c, steps, method, cfg["batch_size"],
+                      cfg["seed"], autocast)
 
 # -----------------------------------------------------------------------------
 # the representation check: does class c survive in the penultimate features? A linear probe
@@ -197,7 +203,7 @@ def run(cfg):
     res["mean"].update(probe_c=sum(probes.values()) / len(probes), original_probe_c=orig_probe,
                        seconds=sum(seconds.values()) / len(seconds))
     res.update(method=method, classes=classes, budget=_budget(method, cfg, len(x_tr)),
-               config={k: v for k, v in cfg.items() if k != "progress"})
+               config=wfnet._config(cfg))
     path = out / f"baseline_{method}.json"
     wfnet._write_json(path, res)
     m = res["mean"]
@@ -214,7 +220,8 @@ def _budget(method, cfg, n):
     return {"retrain": f"the original recipe from scratch without class c: {cfg['epochs']} epochs",
             "logit_mask": "none (logit c set to -inf)",
             "wfnet": "one untraining for all classes (wfnet.pt); exported per class",
-            }.get(method, f"{steps} SGD steps (momentum 0.9, lr {LR} linear decay), batch 128"
+            }.get(method, f"{steps} SGD steps (momentum 0.9, lr {LR} linear decay), "
+                          f"batch {cfg['batch_size']}"
                           + (f", forget CE capped at {ASCENT_CAP}" if method == "neggrad" else ""))
 
 

@@ -55,7 +55,7 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
     untrain_with = lambda g: lambda: wfnet.untrain(wfs[g], x[:steps * Bu], y[:steps * Bu], spec, 1,
                                                    Bu, T, autocast=autocast, progress=False)
     sgd_with = lambda mode: lambda: baselines._sgd_steps(copy.deepcopy(model), x, y, spec, 0, steps,
-                                                         mode, B)
+                                                         mode, B, autocast=autocast)
     step = {k: t / steps for k, t in _median_seconds(
         dict(train=train, channel=untrain_with("channel"), weight=untrain_with("weight"),
              **{m: sgd_with(m) for m in PER_CLASS[1:]}), dev, repeat).items()}
@@ -67,7 +67,7 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
         fwd = _median_seconds(dict(plain=lambda: wf.model(xb), mixed=lambda: wf(xb, forget=mixed),
                                    exported=lambda: exported(xb)), dev, repeat * 3)
     n_untrain = wfnet.untrain_steps(len(x), cfg["untrain_epochs"], Bu)
-    train_steps = cfg["epochs"] * (len(x) // B) * (nc - 1) // nc   # the recipe without class c
+    train_steps = cfg["epochs"] * (len(x) * (nc - 1) // nc // B)   # the recipe without class c
     untrain_s = step["channel"] * n_untrain
     per_class_s = dict(retrain=step["train"] * train_steps,   # baselines: as many steps as untrain
                        **{m: step[m] * n_untrain for m in PER_CLASS[1:]})
@@ -95,7 +95,10 @@ def measured_economy(out, nc):
     for m in PER_CLASS:
         path = out / f"baseline_{m}.json"
         if path.exists():
-            found[m] = nc * json.loads(path.read_text())["mean"]["seconds"] / untrain_s
+            try:
+                found[m] = nc * json.loads(path.read_text())["mean"]["seconds"] / untrain_s
+            except (ValueError, KeyError, TypeError):
+                raise wfnet.WFError(f"{path} is not a readable baselines.py result") from None
     return dict(untrain_seconds=untrain_s, economy=found) if found else {}
 
 
@@ -124,17 +127,20 @@ def _print(res):
 def main(argv=None):
     try:
         cfg = wfnet.parse_args(argv)
+        if cfg["seeds"] or cfg["forget"] or cfg["checkpoint"]:
+            raise wfnet.WFError("bench.py times one configuration: --seeds, --forget and "
+                                "--checkpoint do not apply (--out <run>/seed0 reads a seed's runs)")
         dev, out = torch.device(cfg["device"]), Path(cfg["out"])
         data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], dev)
+        measured = measured_economy(out, data["spec"]["classes"])
         model = wfnet.model_from_config(cfg, data["spec"], data["train"][0].shape[1:], dev)
-        res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), machine=wfnet._machine(dev),
-                   measured=measured_economy(out, data["spec"]["classes"]),
-                   config={k: v for k, v in cfg.items() if k != "progress"})
+        res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), measured=measured,
+                   machine=wfnet._machine(dev), config=wfnet._config(cfg))
+        out.mkdir(parents=True, exist_ok=True)
+        wfnet._write_json(out / "benchmark.json", res)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out.mkdir(parents=True, exist_ok=True)
-    wfnet._write_json(out / "benchmark.json", res)
     _print(res)
     return res
 

@@ -9,6 +9,7 @@ of every alpha makes it behave as if class c had never been learned, for any c.
 
     python wfnet.py                                   # quick Fashion-MNIST run, 2-core CPU
     python wfnet.py --dataset cifar10 --device cuda   # the whole pipeline on a GPU
+    python wfnet.py --seeds 0 1 2                     # once per seed: mean and std of every figure
 
 The file reads in the order of the idea: data -> backbones -> weight filtering -> untraining
 -> metrics -> explanations (plots) -> command line. Two kinds of comments: teaching comments
@@ -935,6 +936,10 @@ def parse_args(argv=None):
     for c in cfg["forget"] or []:
         if not 0 <= c < nc:
             raise WFError(f"--forget {c} is out of range 0..{nc - 1} for {cfg['dataset']}")
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        raise WFError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed")
+    if args.seeds and (args.seed is not None or args.checkpoint):
+        raise WFError("--seeds trains one original model per seed: drop --seed and --checkpoint")
     if cfg["explain_samples"] < 0:
         raise WFError("--explain-samples must be >= 0 (0 = the whole test set)")
     if min(cfg["epochs"], cfg["T"], cfg["width"]) < 1 or cfg["untrain_epochs"] <= 0 \
@@ -1045,7 +1050,7 @@ def run(cfg):
     res["explain"] = explain(wf, data, res["original"]["confusion_test"], cfg["explain_samples"],
                              seed=cfg["seed"], autocast=autocast)
     t_ex = time.time() - t0
-    res.update(config={k: v for k, v in cfg.items() if k != "progress"},
+    res.update(config=_config(cfg),
                class_names=spec["names"],
                times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev, explain=t_ex),
                machine=_machine(dev),
@@ -1071,8 +1076,8 @@ def run(cfg):
 # -----------------------------------------------------------------------------
 # seeds: one configuration repeated, each figure reported as mean and standard deviation.
 
-RUN_ONLY = ("progress", "seeds", "forget", "out",   # settings that do not change a result
-            "benchmark")                          # (a flag of earlier versions)
+_NOT_SETTINGS = ("progress", "seeds", "out", "data_dir",   # where and how a run is shown,
+                 "benchmark")                             # not what it computes
 
 
 def run_seeds(cfg, run_one=None, name="results.json"):
@@ -1083,37 +1088,47 @@ def run_seeds(cfg, run_one=None, name="results.json"):
     for seed in cfg["seeds"]:
         one = {**cfg, "seed": seed, "out": str(Path(cfg["out"]) / f"seed{seed}"), "seeds": None}
         path = Path(one["out"]) / name
-        old = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):                     # none yet, or unreadable: run it
+            old = {}
         if _settings(old.get("config", {})) == _settings(json.loads(json.dumps(one))):
             print(f"seed {seed}: reusing {path}")
             results.append(old)
         else:
             print(f"seed {seed}: running into {one['out']}", flush=True)
             results.append((run_one or run)(one))
-    figures = [_figures(r) for r in results]
-    keys = [k for k in figures[0] if all(k in f for f in figures)]
-    summary = dict(seeds=cfg["seeds"], std="sample standard deviation (n - 1)",
-                   figures={k: dict(mean=statistics.mean(f[k] for f in figures),
-                                    std=statistics.stdev(f[k] for f in figures)
-                                    if len(figures) > 1 else 0.0,
-                                    values=[f[k] for f in figures]) for k in keys},
-                   config={k: v for k, v in cfg.items() if k != "progress"})
+    per_seed = [_figures(r) for r in results]
+    figures = {}
+    for k in per_seed[0]:
+        values = [f.get(k) for f in per_seed]
+        if None not in values:
+            figures[k] = dict(mean=statistics.mean(values), values=values,
+                              std=statistics.stdev(values) if len(values) > 1 else None)
+    summary = dict(seeds=cfg["seeds"], std="sample standard deviation (n - 1)", figures=figures,
+                   config=_config(cfg))
     path = Path(cfg["out"]) / f"seeds_{name}"
     _write_json(path, summary)
     print(f"over seeds {cfg['seeds']}: mean +- sample std (the values per seed) -> {path}")
-    for k, v in summary["figures"].items():
-        print(f"{k:>28} {v['mean']:10.3f} +- {v['std']:7.3f}   ("
+    for k, v in figures.items():
+        std = "n/a" if v["std"] is None else f"{v['std']:.3f}"
+        print(f"{k:>28} {v['mean']:10.3f} +- {std:>7}   ("
               + ", ".join(f"{x:.3f}" for x in v["values"]) + ")")
     return summary
 
 
 def _settings(config):
-    return {k: v for k, v in config.items() if k not in RUN_ONLY}
+    return {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
+
+
+def _config(cfg):
+    """The settings of a run, as written into its results."""
+    return {k: v for k, v in cfg.items() if k != "progress"}
 
 
 def _figures(res):
-    """The scalar figures of one run: the original's accuracy, the mean over classes of every
-    metric, the wall times and the explanation summaries, by name."""
+    """The scalar figures of one run, by name: the original's accuracy, the mean over classes
+    of every metric, the wall times and the explanation summaries."""
     figures = {f"original_{k}": res["original"][k] for k in ("test_acc", "train_acc")}
     figures.update(res["mean"])
     figures.update({f"seconds_{k}": v for k, v in res.get("times_s", {}).items()})
@@ -1122,7 +1137,8 @@ def _figures(res):
         figures.update(pairs_acc_f=ex["pairs"]["mean"]["acc_f"],
                        pairs_acc_r_drop=ex["pairs"]["mean"]["acc_r_drop"],
                        deletion_alpha_beats_random=ex["deletion_alpha_beats_random"],
-                       pearson=ex["pearson"])
+                       deletion_others_hold=ex["deletion_others_hold"],
+                       pearson=ex["pearson"], spearman=ex["spearman"])
     return figures
 
 
@@ -1167,7 +1183,10 @@ def _print_table(res, names):
 def main(argv=None):
     try:
         cfg = parse_args(argv)
-        run_seeds(cfg) if cfg["seeds"] else run(cfg)
+        if cfg["seeds"]:
+            run_seeds(cfg)
+        else:
+            run(cfg)
     except WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

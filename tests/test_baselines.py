@@ -88,7 +88,7 @@ def test_command_line(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_seeds_summarize_a_baseline(tmp_path, capsys):
+def test_seeds_summarize_a_baseline(tmp_path, monkeypatch):
     write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
     flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
     wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0", "1"]))
@@ -98,9 +98,12 @@ def test_seeds_summarize_a_baseline(tmp_path, capsys):
             for k in (0, 1)]
     assert summary["figures"]["probe_c"]["values"] == [r["mean"]["probe_c"] for r in runs]
     assert summary["figures"]["acc_f_test"]["mean"] == 0  # logit masking, every seed
-    capsys.readouterr()
-    baselines.main(method + flags + ["--seeds", "0", "1"])
-    assert capsys.readouterr().out.count("reusing") == 2
-    baselines.main(["--method", "logit_mask", "--classes", "2", "--probe-train", "100"] + flags
-                   + ["--seeds", "0"])
-    assert "running" in capsys.readouterr().out           # other classes: run again
+    assert summary["figures"]["original_probe_c"]["values"] == [
+        r["mean"]["original_probe_c"] for r in runs]
+    def must_not_run(cfg):
+        raise AssertionError(f"seed {cfg['seed']} ran again")
+    monkeypatch.setattr(baselines, "run", must_not_run)
+    baselines.main(method + flags + ["--seeds", "0", "1"])   # both seeds read back
+    with pytest.raises(AssertionError, match="seed 0 ran again"):   # other classes: run again
+        baselines.main(["--method", "logit_mask", "--classes", "2", "--probe-train", "100"]
+                       + flags + ["--seeds", "0"])

@@ -7,7 +7,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baselines  # noqa: E402
 import bench  # noqa: E402
 import wfnet  # noqa: E402
 from test_wfnet import FAST, write_mnist_like  # noqa: E402
@@ -30,7 +29,7 @@ def test_benchmark_prints_every_ratio(tmp_path, capsys):
     steps = wfnet.untrain_steps(300, 1, 32)
     assert res["untrain_seconds_estimate"] == pytest.approx(s["channel"] * steps)
     assert res["economy_estimate"]["finetune"] == pytest.approx(10 * s["finetune"] / s["channel"])
-    retrain_steps = (300 // 32) * 9 // 10                 # one epoch without class c
+    retrain_steps = 8                                     # 270 samples without class c, batch 32
     assert res["economy_estimate"]["retrain"] == pytest.approx(
         10 * s["train"] * retrain_steps / (s["channel"] * steps))
     assert json.loads((out / "benchmark.json").read_text())["machine"]["torch"] == torch.__version__
@@ -44,3 +43,19 @@ def test_measured_economy_reads_the_runs(tmp_path):
     wfnet._write_json(tmp_path / "baseline_finetune.json", dict(mean=dict(seconds=4.0)))
     assert bench.measured_economy(tmp_path, 10) == dict(
         untrain_seconds=20.0, economy=dict(retrain=25.0, finetune=2.0))
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "0", "1"], ["--forget", "3"]])
+def test_flags_it_does_not_use_are_an_error(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(FAST + flags + ["--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "do not apply" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreadable_baseline_result_is_one_line(tmp_path):
+    wfnet.save_checkpoint(tmp_path / "wfnet.pt", dict(untrain_seconds=20.0), {})
+    (tmp_path / "baseline_neggrad.json").write_text("{ truncated")
+    with pytest.raises(wfnet.WFError, match="not a readable baselines.py result"):
+        bench.measured_economy(tmp_path, 10)

@@ -429,6 +429,9 @@ FAST = ["--width", "4", "--epochs", "1", "--untrain-epochs", "1", "--batch-size"
     (["--epochs", "0"], "must be >= 1"),
     (["--untrain-epochs", "0"], "untrain epochs > 0"),
     (["--stem-stride", "3"], "--stem-stride must be 1 or 2"),
+    (["--seeds", "0", "1", "0"], "repeats a seed"),
+    (["--seeds", "0", "1", "--seed", "2"], "drop --seed and --checkpoint"),
+    (["--seeds", "0", "--checkpoint", "x.pt"], "drop --seed and --checkpoint"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, message, capsys, tmp_path):
     code, err = cli(args + ["--out", str(tmp_path / "o")], capsys)
@@ -541,12 +544,14 @@ def test_seeds_report_mean_and_std_and_reuse_finished_seeds(tmp_path, capsys):
         assert fig["mean"] == pytest.approx(np.mean(values))
         assert fig["std"] == pytest.approx(np.std(values, ddof=1))
     assert json.loads((out / "seeds_results.json").read_text())["seeds"] == [0, 1]
-    capsys.readouterr()
-    again = wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "0"]))
-    assert capsys.readouterr().out.count("reusing") == 2   # finished seeds are read back
+    def must_not_run(cfg):
+        raise AssertionError(f"seed {cfg['seed']} ran again")
+    again = wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "0"]), must_not_run)
     assert again["figures"]["acc_f_test"]["values"] == summary["figures"]["acc_f_test"]["values"][::-1]
-    wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "--lambda1", "2"]))
-    assert "running" in capsys.readouterr().out           # other settings: run again
+    with pytest.raises(AssertionError, match="seed 1 ran again"):   # other settings: run again
+        wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "1", "--lambda1", "2"]), must_not_run)
+    one = wfnet.run_seeds(wfnet.parse_args(args + ["--seeds", "0"]), must_not_run)
+    assert one["figures"]["acc_f_test"]["std"] is None    # one seed: no deviation to report
 
 
 def test_presets_and_flags_resolve():
