@@ -570,7 +570,7 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
     run = partial(predict, spec=spec, batch_size=batch_size, autocast=autocast)
     orig_te, orig_tr = run(wf, x_te), run(wf, x_tr)
     rand_te = run(random_model, x_te) if random_model is not None else None
-    ok_orig_te = orig_te.argmax(-1) == y_te
+    ok_orig_te, ok_orig_tr = orig_te.argmax(-1) == y_te, orig_tr.argmax(-1) == y_tr
     matrix, rows = torch.full((nc, nc), float("nan")), []
     for c in classes:
         net = forgotten(c)
@@ -583,16 +583,17 @@ def evaluate(wf, data, random_model=None, eval_train=10000, seed=0, batch_size=1
         conf_te = p_te.gather(1, y_te[:, None]).squeeze(1).cpu()
         row = dict(cls=c, acc_f_test=_acc(ok_te[f_te]), acc_r_test=_acc(ok_te[~f_te]),
                    orig_acc_r_test=_acc(ok_orig_te[~f_te]), acc_f_train=_acc(ok_tr[f_tr]),
-                   acc_r_train=_acc(ok_tr[~f_tr]),
+                   acc_r_train=_acc(ok_tr[~f_tr]), orig_acc_r_train=_acc(ok_orig_tr[~f_tr]),
                    mia_efficacy=mia_efficacy(conf_tr[~f_tr.cpu()], conf_te[~f_te.cpu()],
                                              conf_tr[f_tr.cpu()], seed))
         if rand_te is not None:
             row["zrf"] = zrf_score(p_te[f_te], rand_te[f_te])
         rows.append(row)
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "cls"}
-    mean["acc_r_drop_test"] = mean["orig_acc_r_test"] - mean["acc_r_test"]
+    for split in ("test", "train"):
+        mean[f"acc_r_drop_{split}"] = mean[f"orig_acc_r_{split}"] - mean[f"acc_r_{split}"]
     per_class_orig = [_acc(ok_orig_te[y_te == k]) for k in range(nc)]
-    return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(orig_tr.argmax(-1) == y_tr),
+    return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(ok_orig_tr),
                               per_class_test_acc=per_class_orig,
                               confusion_test=_confusion(y_te, orig_te.argmax(-1), nc).tolist()),
                 per_class=rows, mean=mean, matrix_test=(100 * matrix).tolist(),

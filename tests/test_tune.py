@@ -1,0 +1,51 @@
+"""Tests for tune.py: the grid, its errors, and that a finished combination is read back."""
+import json, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tune  # noqa: E402
+import wfnet  # noqa: E402
+from test_wfnet import FAST, write_mnist_like  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def test_grid_is_every_combination_with_the_settings_types():
+    cfg = wfnet.parse_args([])
+    combos = tune.grid(["lambda0=3,10", "T=2,4"], cfg)
+    assert combos == [dict(lambda0=3.0, T=2), dict(lambda0=3.0, T=4),
+                      dict(lambda0=10.0, T=2), dict(lambda0=10.0, T=4)]
+    assert type(combos[0]["T"]) is int and tune.grid([], cfg) == [{}]
+
+
+@pytest.mark.parametrize("tries, message", [(["epochs=3"], "NAME one of"), (["lambda0="], "NAME"),
+                                            (["T=2.5"], "takes int values")])
+def test_bad_tries_are_one_line(tries, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        tune.main([f"--try={t}" for t in tries])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
+    flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):                       # no original models yet
+        tune.main(flags + ["--seeds", "0", "1"])
+    assert "wfnet.py --seeds" in capsys.readouterr().err
+    wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0", "1"]))
+    table = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=1,2"])
+    assert [combo for combo, _ in table] == [dict(lambda1=1.0), dict(lambda1=2.0)]
+    runs = json.loads((tmp_path / "o" / "tune.json").read_text())["runs"]
+    assert len(runs) == 4 and {r["seed"] for r in runs} == {0, 1}
+    # lambda1=1 is wfnet.py's setting: the same untraining as the seed's wfnet.pt
+    res = json.loads((tmp_path / "o" / "seed1" / "results.json").read_text())["mean"]
+    assert table[0][1][1]["acc_r_drop_test"] == pytest.approx(res["acc_r_drop_test"])
+    assert table[0][1][1]["acc_f_train"] == pytest.approx(res["acc_f_train"])
+    monkeypatch.setattr(tune, "untrain_and_evaluate", lambda *a: pytest.fail("ran again"))
+    again = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=2"])
+    assert again[0][1] == table[1][1]
