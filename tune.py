@@ -9,7 +9,10 @@ T, lambda0, lambda1, lambda2) is untrained once per seed from <out>/seed<k>/orig
 other settings are wfnet.py's flags) and evaluated on every class with wfnet.evaluate, without
 explanations. Printed per combination, as mean and sample std over the seeds: Acc_f and the
 Acc_r drop on the training subset (choose on these, so that the test set stays for reporting)
-and on the test set, and the untraining time. Results go to <out>/tune.json; a combination
+and on the test set; how much of alpha is turned off, 100 * mean(1 - alpha), in the backbone
+(every filtered layer but the last) and in the classifier head (the last); the untraining time.
+A filter that lives only in the head is logit masking with extra steps: the backbone figure
+tells the two apart. Results go to <out>/tune.json; a combination
 already there for a seed, with the same settings, is read back, not run again.
 """
 import argparse, itertools, json, statistics, sys, time
@@ -21,7 +24,8 @@ import wfnet
 
 TUNABLE = ("untrain_epochs", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
            "lambda2")
-FIGURES = ("acc_f_train", "acc_r_drop_train", "acc_f_test", "acc_r_drop_test", "untrain_s")
+FIGURES = ("acc_f_train", "acc_r_drop_train", "acc_f_test", "acc_r_drop_test", "backbone_off",
+           "head_off", "untrain_s")
 
 
 def grid(tries, cfg):
@@ -49,8 +53,10 @@ def untrain_and_evaluate(cfg, data, model):
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
     seconds = time.time() - t0
     m = wfnet.evaluate(wf, data, None, cfg["eval_train"], cfg["seed"])["mean"]
+    off = lambda alphas: 100 * torch.cat([(1 - a).flatten() for a in alphas]).mean().item()
     return dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
-                acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"], untrain_s=seconds)
+                acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
+                backbone_off=off(wf.alpha[:-1]), head_off=off(wf.alpha[-1:]), untrain_s=seconds)
 
 
 def load_original(cfg, data, seed):
@@ -58,10 +64,15 @@ def load_original(cfg, data, seed):
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py --seeds ...` with the same "
                             "--out and flags first")
+    ckpt = wfnet.load_checkpoint(path)
+    other = {k: v for k, v in ckpt["meta"].items() if k in cfg and k != "seed" and v != cfg[k]}
+    if other:                                             # the settings recorded must be true
+        raise wfnet.WFError(f"{path} was trained with " + ", ".join(
+            f"{k}={v}" for k, v in other.items()) + ": pass the flags it was made with")
     x = data["train"][0]
     model = wfnet.model_from_config(cfg, data["spec"], x.shape[1:], x.device)
     try:
-        model.load_state_dict(wfnet.load_checkpoint(path)["state_dict"])
+        model.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
         raise wfnet.WFError(f"{path} does not fit these flags (arch, width, stem stride?)") from None
     return model.eval()
@@ -94,20 +105,23 @@ def tune(cfg, combos, seeds):
         settings = {**fixed, **combo}
         runs = []
         for seed in seeds:
-            old = [r for r in done if r["seed"] == seed and r["settings"] == settings]
+            old = [r for r in done if r["seed"] == seed and r["settings"] == settings
+                   and all(k in r for k in FIGURES)]
             if old:
                 runs.append(old[0])
                 continue
             model = load_original(cfg, data, seed)
             runs.append(dict(seed=seed, settings=settings, **untrain_and_evaluate(
                 {**cfg, **combo, "seed": seed}, data, model)))
+            done = [r for r in done if r["seed"] != seed or r["settings"] != settings]
             done.append(runs[-1])
             wfnet._write_json(path, dict(runs=done))
             print(f"seed {seed}, {combo}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in FIGURES),
                   flush=True)
         table.append((combo, runs))
     print(f"over seeds {seeds}, mean +- sample std; Acc in %, drop = original's Acc_r minus "
-          f"the filtered model's on the same samples (train: {cfg['eval_train'] or 'all'} samples)")
+          f"the filtered model's on the same samples (train: {cfg['eval_train'] or 'all'} samples); "
+          "*_off = 100 * mean(1 - alpha)")
     print(f"{'settings':>40} " + " ".join(f"{k:>16}" for k in FIGURES))
     for combo, runs in table:
         cells = []

@@ -49,3 +49,13 @@ def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(tune, "untrain_and_evaluate", lambda *a: pytest.fail("ran again"))
     again = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=2"])
     assert again[0][1] == table[1][1]
+
+
+def test_an_original_made_with_other_flags_is_refused(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
+    flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
+    wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0"]))
+    with pytest.raises(SystemExit) as e:
+        tune.main(flags + ["--seeds", "0", "--lr", "0.05"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "trained with lr=0.1" in err and len(err.splitlines()) == 1
