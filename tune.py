@@ -15,7 +15,7 @@ A filter that lives only in the head is logit masking with extra steps: the back
 tells the two apart. Results go to <out>/tune.json; a combination
 already there for a seed, with the same settings, is read back, not run again.
 """
-import argparse, itertools, json, statistics, sys, time
+import argparse, contextlib, io, itertools, json, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -28,19 +28,37 @@ FIGURES = ("acc_f_train", "acc_r_drop_train", "acc_f_test", "acc_r_drop_test", "
            "head_off", "untrain_s")
 
 
-def grid(tries, cfg):
-    """["lambda0=3,10", "T=2"] -> [{"lambda0": 3.0, "T": 2}, {"lambda0": 10.0, "T": 2}]."""
+def grid(tries):
+    """["lambda0=3,10", "T=2"] -> [{"lambda0": "3", "T": "2"}, {"lambda0": "10", "T": "2"}]."""
     axes = {}
     for t in tries:
         key, _, values = t.partition("=")
         if key not in TUNABLE or not values:
             raise wfnet.WFError(f"--try {t!r}: write NAME=V1,V2,... with NAME one of "
                                 + ", ".join(TUNABLE))
-        try:
-            axes[key] = [type(cfg[key])(v) for v in values.split(",")]
-        except ValueError:
-            raise wfnet.WFError(f"--try {t!r}: {key} takes {type(cfg[key]).__name__} values") from None
+        if key in axes:
+            raise wfnet.WFError(f"--try gives {key} twice; list its values in one --try")
+        axes[key] = values.split(",")
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def config(rest, combo):
+    """wfnet.py's settings for one combination: its flags parsed, typed and checked by
+    wfnet.parse_args, so --try accepts exactly what the command line does."""
+    flags = [x for k, v in combo.items() for x in (f"--{k.replace('_', '-')}", v)]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):             # argparse's own message, on one line
+            return wfnet.parse_args(rest + flags)
+    except SystemExit:
+        raise wfnet.WFError(f"--try {combo}: " + err.getvalue().strip().splitlines()[-1]) from None
+
+
+def alpha_off(wf):
+    """100 * mean(1 - alpha) over the backbone (every filtered layer but the last) and over
+    the classifier head (the last): (backbone, head)."""
+    off = lambda alphas: 100 * torch.cat([(1 - a).flatten() for a in alphas]).mean().item()
+    return off(wf.alpha[:-1]), off(wf.alpha[-1:])
 
 
 def untrain_and_evaluate(cfg, data, model):
@@ -53,10 +71,10 @@ def untrain_and_evaluate(cfg, data, model):
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
     seconds = time.time() - t0
     m = wfnet.evaluate(wf, data, None, cfg["eval_train"], cfg["seed"])["mean"]
-    off = lambda alphas: 100 * torch.cat([(1 - a).flatten() for a in alphas]).mean().item()
+    backbone, head = alpha_off(wf)
     return dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
                 acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
-                backbone_off=off(wf.alpha[:-1]), head_off=off(wf.alpha[-1:]), untrain_s=seconds)
+                backbone_off=backbone, head_off=head, untrain_s=seconds)
 
 
 def load_original(cfg, data, seed):
@@ -65,7 +83,8 @@ def load_original(cfg, data, seed):
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py --seeds ...` with the same "
                             "--out and flags first")
     ckpt = wfnet.load_checkpoint(path)
-    other = {k: v for k, v in ckpt["meta"].items() if k in cfg and k != "seed" and v != cfg[k]}
+    want = {**cfg, "seed": seed}
+    other = {k: v for k, v in ckpt["meta"].items() if k in want and v != want[k]}
     if other:                                             # the settings recorded must be true
         raise wfnet.WFError(f"{path} was trained with " + ", ".join(
             f"{k}={v}" for k, v in other.items()) + ": pass the flags it was made with")
@@ -85,24 +104,38 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     try:
         cfg = wfnet.parse_args(rest)
-        return tune(cfg, grid(args.tries, cfg), cfg["seeds"] or [cfg["seed"]])
+        if cfg["checkpoint"] or cfg["forget"]:
+            raise wfnet.WFError("tune.py starts from <out>/seed<k>/original.pt: drop --checkpoint "
+                                "and --forget")
+        combos = grid(args.tries)
+        return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]])
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def tune(cfg, combos, seeds):
-    path = Path(cfg["out"]) / "tune.json"
+def _read_runs(path):
+    if not path.exists():
+        return []
     try:
-        done = json.loads(path.read_text())["runs"]
-    except (OSError, ValueError, KeyError):
-        done = []
+        runs = json.loads(path.read_text())["runs"]
+        if all(isinstance(r["seed"], int) and isinstance(r["settings"], dict) for r in runs):
+            return runs
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise wfnet.WFError(f"{path} is not a tune.py result file: move it away or delete it")
+
+
+def tune(cfg, combos, seeds):
+    """combos: [(the --try values, that combination's full cfg)]. Returns [(values, runs)]."""
+    path = Path(cfg["out"]) / "tune.json"
+    done = _read_runs(path)
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], torch.device(cfg["device"]))
     fixed = {k: v for k, v in wfnet._settings(wfnet._config(cfg)).items()
              if k not in ("seed", "seeds", "forget", "checkpoint", "explain_samples")}
     table = []
-    for combo in combos:
-        settings = {**fixed, **combo}
+    for combo, combo_cfg in combos:
+        settings = {k: combo_cfg[k] for k in fixed}
         runs = []
         for seed in seeds:
             old = [r for r in done if r["seed"] == seed and r["settings"] == settings
@@ -112,7 +145,7 @@ def tune(cfg, combos, seeds):
                 continue
             model = load_original(cfg, data, seed)
             runs.append(dict(seed=seed, settings=settings, **untrain_and_evaluate(
-                {**cfg, **combo, "seed": seed}, data, model)))
+                {**combo_cfg, "seed": seed}, data, model)))
             done = [r for r in done if r["seed"] != seed or r["settings"] != settings]
             done.append(runs[-1])
             wfnet._write_json(path, dict(runs=done))

@@ -14,21 +14,35 @@ from test_wfnet import FAST, write_mnist_like  # noqa: E402
 torch.set_num_threads(2)
 
 
-def test_grid_is_every_combination_with_the_settings_types():
-    cfg = wfnet.parse_args([])
-    combos = tune.grid(["lambda0=3,10", "T=2,4"], cfg)
-    assert combos == [dict(lambda0=3.0, T=2), dict(lambda0=3.0, T=4),
-                      dict(lambda0=10.0, T=2), dict(lambda0=10.0, T=4)]
-    assert type(combos[0]["T"]) is int and tune.grid([], cfg) == [{}]
+def test_grid_is_every_combination_typed_by_the_command_line():
+    combos = tune.grid(["lambda0=3,10", "T=2,4"])
+    assert combos == [dict(lambda0="3", T="2"), dict(lambda0="3", T="4"),
+                      dict(lambda0="10", T="2"), dict(lambda0="10", T="4")]
+    assert tune.grid([]) == [{}]
+    cfg = tune.config(["--untrain-lr", "0.02"], combos[3])
+    assert cfg["T"] == 4 and type(cfg["T"]) is int and cfg["lambda0"] == 10.0
+    assert cfg["untrain_lr"] == 0.02 and cfg["lambda2"] == wfnet.COMMON["lambda2"]
 
 
-@pytest.mark.parametrize("tries, message", [(["epochs=3"], "NAME one of"), (["lambda0="], "NAME"),
-                                            (["T=2.5"], "takes int values")])
+@pytest.mark.parametrize("tries, message", [
+    (["epochs=3"], "NAME one of"), (["lambda0="], "NAME"), (["T=2.5"], "invalid int value"),
+    (["T=0"], "T and width must be >= 1"), (["lambda0=1", "lambda0=2"], "twice"),
+    (["untrain_epochs=0"], "untrain epochs > 0")])
 def test_bad_tries_are_one_line(tries, message, capsys):
     with pytest.raises(SystemExit) as e:
         tune.main([f"--try={t}" for t in tries])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_alpha_off_splits_backbone_and_head():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    wf = wfnet.WFNet(model, 3)
+    with torch.no_grad():
+        wf.alpha[1][2] = 0                                # the head: row 2 off, 3 of 9 entries
+        wf.alpha[0][0, :3] = 0.5                          # the backbone: 3 of 18 entries half off
+    backbone, head = tune.alpha_off(wf)
+    assert backbone == pytest.approx(100 * 1.5 / 18) and head == pytest.approx(100 * 3 / 9)
 
 
 def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys):
@@ -39,7 +53,8 @@ def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys)
     assert "wfnet.py --seeds" in capsys.readouterr().err
     wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0", "1"]))
     table = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=1,2"])
-    assert [combo for combo, _ in table] == [dict(lambda1=1.0), dict(lambda1=2.0)]
+    assert [combo for combo, _ in table] == [dict(lambda1="1"), dict(lambda1="2")]
+    assert [runs[0]["settings"]["lambda1"] for _, runs in table] == [1.0, 2.0]
     runs = json.loads((tmp_path / "o" / "tune.json").read_text())["runs"]
     assert len(runs) == 4 and {r["seed"] for r in runs} == {0, 1}
     # lambda1=1 is wfnet.py's setting: the same untraining as the seed's wfnet.pt
@@ -47,8 +62,14 @@ def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys)
     assert table[0][1][1]["acc_r_drop_test"] == pytest.approx(res["acc_r_drop_test"])
     assert table[0][1][1]["acc_f_train"] == pytest.approx(res["acc_f_train"])
     monkeypatch.setattr(tune, "untrain_and_evaluate", lambda *a: pytest.fail("ran again"))
-    again = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=2"])
+    again = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=2.0"])
     assert again[0][1] == table[1][1]
+    (tmp_path / "o" / "tune.json").write_text("[1, 2]")   # not tune.py's: refused, kept
+    with pytest.raises(SystemExit):
+        tune.main(flags + ["--seeds", "0"])
+    err = capsys.readouterr().err.strip()
+    assert "not a tune.py result file" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "o" / "tune.json").read_text() == "[1, 2]"
 
 
 def test_an_original_made_with_other_flags_is_refused(tmp_path, capsys):
@@ -59,3 +80,9 @@ def test_an_original_made_with_other_flags_is_refused(tmp_path, capsys):
         tune.main(flags + ["--seeds", "0", "--lr", "0.05"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "trained with lr=0.1" in err and len(err.splitlines()) == 1
+    seed1 = tmp_path / "o" / "seed1"                      # seed 0's model copied as seed 1
+    seed1.mkdir()
+    (seed1 / "original.pt").write_bytes((tmp_path / "o" / "seed0" / "original.pt").read_bytes())
+    with pytest.raises(SystemExit):
+        tune.main(flags + ["--seeds", "1"])
+    assert "trained with seed=0" in capsys.readouterr().err
