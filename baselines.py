@@ -168,13 +168,7 @@ def run(cfg):
     path = out / "original.pt"
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py` with the same flags first")
-    ckpt = wfnet.load_checkpoint(path)
-    original = make()
-    try:
-        original.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise wfnet.WFError(f"{path} does not fit these flags (width, stem stride?)") from None
-    original.eval().requires_grad_(False)
+    original = wfnet.load_model(cfg, spec, x_tr.shape[1:], dev, wfnet.load_checkpoint(path), path)
     wf = None
     if method == "wfnet":
         wf = wfnet.WFNet(copy.deepcopy(original), nc, cfg["granularity"], cfg["combine"])

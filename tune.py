@@ -89,12 +89,7 @@ def load_original(cfg, data, seed):
         raise wfnet.WFError(f"{path} was trained with " + ", ".join(
             f"{k}={v}" for k, v in other.items()) + ": pass the flags it was made with")
     x = data["train"][0]
-    model = wfnet.model_from_config(cfg, data["spec"], x.shape[1:], x.device)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise wfnet.WFError(f"{path} does not fit these flags (arch, width, stem stride?)") from None
-    return model.eval()
+    return wfnet.load_model(cfg, data["spec"], x.shape[1:], x.device, ckpt, path)
 
 
 def main(argv=None):

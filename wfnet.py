@@ -846,6 +846,16 @@ def load_checkpoint(path):
                       f"delete it or choose another --out") from None
 
 
+def load_model(cfg, spec, shape, device, ckpt, path):
+    """A frozen backbone for cfg's settings holding the weights of `ckpt` (read from `path`)."""
+    model = model_from_config(cfg, spec, shape, device)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise WFError(f"{path} does not fit these flags (arch, width, stem stride?)") from None
+    return model.eval().requires_grad_(False)
+
+
 def _check_identity(path, meta, want):
     """A checkpoint made for another dataset, arch or class count is an error, not a retrain."""
     for k in ("dataset", "arch", "num_classes"):
