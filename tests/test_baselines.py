@@ -1,19 +1,14 @@
 """Tests for baselines.py, on tiny synthetic data."""
-import json, sys
-from pathlib import Path
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import baselines  # noqa: E402
-import wfnet  # noqa: E402
-from test_wfnet import FAST, write_mnist_like  # noqa: E402
-
-torch.set_num_threads(2)
+import baselines
+import wfnet
+from conftest import FAST, write_mnist_like
 
 
 def test_logit_mask_removes_exactly_one_logit():

@@ -1,17 +1,12 @@
 """Tests for bench.py: every ratio is printed and consistent (timings are never asserted)."""
-import json, sys
-from pathlib import Path
+import json
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-import wfnet  # noqa: E402
-from test_wfnet import FAST, write_mnist_like  # noqa: E402
-
-torch.set_num_threads(2)
+import bench
+import wfnet
+from conftest import FAST, write_mnist_like
 
 
 def test_benchmark_prints_every_ratio(tmp_path, capsys):

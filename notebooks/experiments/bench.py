@@ -1,8 +1,8 @@
 """
 bench.py: what WF-Net costs, as ratios measured in one run on one machine.
 
-    python bench.py                                   # the quick preset on this machine
-    python bench.py --device cuda --compile           # a GPU: bf16 autocast, channels_last
+    python notebooks/experiments/bench.py                           # the quick preset, this machine
+    python notebooks/experiments/bench.py --device cuda --compile   # a GPU: bf16 autocast
 
 Every flag is wfnet.py's. Prints, and writes to <out>/benchmark.json with the machine, the
 torch version and the device:
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import baselines
+import common
 import wfnet
 
 PER_CLASS = ("retrain", "finetune", "neggrad", "random_label")
@@ -135,7 +136,7 @@ def main(argv=None):
         measured = measured_economy(out, data["spec"]["classes"])
         model = wfnet.model_from_config(cfg, data["spec"], data["train"][0].shape[1:], dev)
         res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), measured=measured,
-                   machine=wfnet._machine(dev), config=wfnet._config(cfg))
+                   machine=common.machine(dev), config=common.config(cfg))
         out.mkdir(parents=True, exist_ok=True)
         wfnet._write_json(out / "benchmark.json", res)
     except wfnet.WFError as e:

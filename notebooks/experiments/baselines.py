@@ -4,11 +4,11 @@ baselines.py: what WF-Net is compared with, on the same data, backbone, seed and
 Each method here unlearns ONE class per run (WF-Net untrains all classes in one round), so
 each is run once per chosen class and evaluated with wfnet.evaluate, plus a linear probe.
 
-    python wfnet.py                                  # first: the original model (and WF-Net)
-    python baselines.py --method finetune            # then each baseline, all classes
-    python baselines.py --method retrain --classes 0 3
-    python baselines.py --method wfnet               # the probe for WF-Net itself
-    python baselines.py --method neggrad --seeds 0 1 2   # after python wfnet.py --seeds 0 1 2
+    python wfnet.py                                          # first: the original model (and WF-Net)
+    python notebooks/experiments/baselines.py --method finetune   # then each baseline, all classes
+    python notebooks/experiments/baselines.py --method retrain --classes 0 3
+    python notebooks/experiments/baselines.py --method wfnet      # the probe for WF-Net itself
+    python notebooks/experiments/baselines.py --method neggrad --seeds 0 1 2   # after wfnet.py --seeds 0 1 2
 
 --method: retrain | logit_mask | finetune | neggrad | random_label | wfnet. Every other flag is
 wfnet.py's and must match the run that made <out>/original.pt. Writes <out>/baseline_<method>.json.
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import wfnet
 
 METHODS = ("retrain", "logit_mask", "finetune", "neggrad", "random_label", "wfnet")
@@ -147,7 +148,7 @@ def main(argv=None):
     try:
         cfg = {**wfnet.parse_args(rest), **vars(args)}
         if cfg["seeds"]:
-            return wfnet.run_seeds(cfg, run, name=f"baseline_{cfg['method']}.json")
+            return common.over_seeds(cfg, run, name=f"baseline_{cfg['method']}.json")
         return run(cfg)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -188,8 +189,8 @@ def run(cfg):
               f"{probes[c]:.1f}%", flush=True)
     torch.manual_seed(cfg["seed"] + 1)                    # the same T_d as wfnet.py's
     random_model = make().eval()
-    res = wfnet.evaluate(original, data, random_model, cfg["eval_train"], cfg["seed"],
-                         forgotten=models.__getitem__, classes=classes)
+    res = wfnet.evaluate(original, models.__getitem__, data, classes, random_model, cfg["eval_train"],
+                         cfg["seed"])
     for r in res["per_class"]:
         r["probe_c"], r["seconds"] = probes[r["cls"]], seconds[r["cls"]]
     orig_probe = probe_accuracy(original, data, cfg["probe_train"], seed=cfg["seed"])
@@ -197,7 +198,7 @@ def run(cfg):
     res["mean"].update(probe_c=sum(probes.values()) / len(probes), original_probe_c=orig_probe,
                        seconds=sum(seconds.values()) / len(seconds))
     res.update(method=method, classes=classes, budget=_budget(method, cfg, len(x_tr)),
-               config=wfnet._config(cfg))
+               config=common.config(cfg))
     path = out / f"baseline_{method}.json"
     wfnet._write_json(path, res)
     m = res["mean"]

@@ -2,7 +2,7 @@
 tune.py: untraining settings side by side, untrained from the same original models.
 
     python wfnet.py --seeds 0 1 2 --out runs/quick       # first: one original model per seed
-    python tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
+    python notebooks/experiments/tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
 
 Every combination of the --try values (any of untrain_epochs, untrain_batch_size, untrain_lr,
 T, lambda0, lambda1, lambda2) is untrained once per seed from <out>/seed<k>/original.pt (the
@@ -15,11 +15,13 @@ A filter that lives only in the head is logit masking with extra steps: the back
 tells the two apart. Results go to <out>/tune.json; a combination
 already there for a seed, with the same settings, is read back, not run again.
 """
-import argparse, contextlib, io, itertools, json, statistics, sys, time
+import argparse, itertools, json, statistics, sys, time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+import common
 import wfnet
 
 TUNABLE = ("untrain_epochs", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
@@ -46,19 +48,13 @@ def config(rest, combo):
     """wfnet.py's settings for one combination: its flags parsed, typed and checked by
     wfnet.parse_args, so --try accepts exactly what the command line does."""
     flags = [x for k, v in combo.items() for x in (f"--{k.replace('_', '-')}", v)]
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):             # argparse's own message, on one line
-            return wfnet.parse_args(rest + flags)
-    except SystemExit:
-        raise wfnet.WFError(f"--try {combo}: " + err.getvalue().strip().splitlines()[-1]) from None
+        return wfnet.parse_args(rest + flags)
+    except wfnet.WFError as e:
+        raise wfnet.WFError(f"--try {combo}: {e}") from None
 
 
-def alpha_off(wf):
-    """100 * mean(1 - alpha) over the backbone (every filtered layer but the last) and over
-    the classifier head (the last): (backbone, head)."""
-    off = lambda alphas: 100 * torch.cat([(1 - a).flatten() for a in alphas]).mean().item()
-    return off(wf.alpha[:-1]), off(wf.alpha[-1:])
+alpha_off = common.alpha_off
 
 
 def untrain_and_evaluate(cfg, data, model):
@@ -70,7 +66,8 @@ def untrain_and_evaluate(cfg, data, model):
                   cfg["lambda1"], cfg["lambda2"], cfg["seed"],
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
     seconds = time.time() - t0
-    m = wfnet.evaluate(wf, data, None, cfg["eval_train"], cfg["seed"])["mean"]
+    m = wfnet.evaluate(model, lambda c: partial(wf, forget=c), data, None, None, cfg["eval_train"],
+                       cfg["seed"])["mean"]
     backbone, head = alpha_off(wf)
     return dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
                 acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
@@ -126,8 +123,8 @@ def tune(cfg, combos, seeds):
     path = Path(cfg["out"]) / "tune.json"
     done = _read_runs(path)
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], torch.device(cfg["device"]))
-    fixed = {k: v for k, v in wfnet._settings(wfnet._config(cfg)).items()
-             if k not in ("seed", "seeds", "forget", "checkpoint", "explain_samples")}
+    fixed = {k: v for k, v in common.config(cfg).items()
+             if k not in common.NOT_SETTINGS + ("seed", "forget", "checkpoint", "explain_samples")}
     table = []
     for combo, combo_cfg in combos:
         settings = {k: combo_cfg[k] for k in fixed}
