@@ -501,7 +501,8 @@ def class_similarity(wf, confusion):
     conf = torch.as_tensor(confusion, dtype=torch.float)
     i, j = torch.triu_indices(len(sim), len(sim), 1)
     pair = torch.stack([sim[i, j], (conf[i, j] + conf[j, i]) / 2])   # (2, pairs): similarity, confusion
-    rank = pair.argsort(dim=1, stable=True).argsort(dim=1).float()
+    above, tied = (pair[:, :, None] > pair[:, None, :]).sum(-1), (pair[:, :, None] == pair[:, None, :]).sum(-1)
+    rank = above + (tied - 1) / 2                         # (2, pairs), ties share their average rank
     return dict(similarity=sim.tolist(), pearson=torch.corrcoef(pair)[0, 1].nan_to_num().item(),
                 spearman=torch.corrcoef(rank)[0, 1].nan_to_num().item())
 
@@ -825,7 +826,8 @@ def run_seeds(cfg):
                for k, v in values.items()}
     print(f"over seeds {cfg['seeds']}: mean +- sample std (the value of each seed)")
     for k, f in summary.items():
-        print(f"{k:>28} {f['mean']:9.3f} +- {f['std'] or float('nan'):6.3f}  (" + ", ".join(f"{v:.3f}" for v in f["values"]) + ")")
+        std = "n/a" if f["std"] is None else f"{f['std']:.3f}"
+        print(f"{k:>28} {f['mean']:9.3f} +- {std:>6}  (" + ", ".join(f"{v:.3f}" for v in f["values"]) + ")")
     _write_json(Path(cfg["out"]) / "seeds_results.json", dict(seeds=cfg["seeds"], std="sample (n - 1)", figures=summary))
     return summary
 

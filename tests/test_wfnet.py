@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
+from scipy.stats import pearsonr, spearmanr
 
 import wfnet
 from conftest import FAST, one_hot_net, own_class_rows, randomize, randomize_bn, synthetic_images, tiny, tiny_models, write_mnist_like
@@ -210,6 +211,14 @@ def test_class_similarity_and_its_correlation_with_confusion():
     assert r["pearson"] == pytest.approx(1.0) and r["spearman"] == pytest.approx(1.0)
     reversed_confusion = [[90, 2, 8], [2, 90, 8], [8, 8, 84]]  # most confused where least similar
     assert wfnet.class_similarity(wf, reversed_confusion)["pearson"] < -0.9
+    randomize(wf)                                         # random rows; a confusion full of ties
+    confusion = torch.randint(0, 4, (3, 3), generator=torch.Generator().manual_seed(1)).float()
+    r = wfnet.class_similarity(wf, confusion)
+    i, j = np.triu_indices(3, 1)
+    sim, conf = np.array(r["similarity"])[i, j], ((confusion + confusion.T) / 2).numpy()[i, j]
+    assert r["pearson"] == pytest.approx(pearsonr(sim, conf).statistic, abs=1e-5)
+    assert len(set(conf.tolist())) < len(conf)            # the case has ties
+    assert r["spearman"] == pytest.approx(spearmanr(sim, conf).statistic, abs=1e-5)   # average ranks for ties
     conf = wfnet._confusion(torch.tensor([0, 0, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0]), 3)
     assert conf.tolist() == [[50, 50, 0], [0, 100, 0], [100, 0, 0]]
 
