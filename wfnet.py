@@ -139,16 +139,24 @@ class ResNet18(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))                # (B, N_c)
 
 
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):                                 # (B, N, D)
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+
+
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=2):
         super().__init__()
-        self.heads, self.ln1, self.qkv, self.proj = heads, nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x):                                 # (B, N, D)
-        q, k, v = rearrange(self.qkv(self.ln1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        x = x + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -181,7 +189,7 @@ def _scale(y, a, bias, dim=-1):
     """y * a + bias * (1 - a) on the output units (dim) of y; a is (K,) or per sample (B, K)."""
     unit = [1] * y.dim()
     unit[dim] = -1                                        # (1, .., K, .., 1)
-    a = a.view([a.shape[0] if a.dim() == 2 else 1] + unit[1:])
+    a = a.view(unit if a.dim() == 1 else [a.shape[0]] + unit[1:])
     return y * a if bias is None else y * a + bias.view(unit) * (1 - a)
 
 def _gate_hook(a, module, inputs, y):                     # Conv2d: units on dim 1; Linear: last
@@ -189,9 +197,9 @@ def _gate_hook(a, module, inputs, y):                     # Conv2d: units on dim
 
 def _gated_attention(m, a_in, a_out, query, key, value, key_padding_mask=None, need_weights=True,
                      attn_mask=None, average_attn_weights=True, is_causal=False):
-    """nn.MultiheadAttention.forward with its in- and out-projection units gated."""
-    if key_padding_mask is not None or attn_mask is not None or is_causal:
-        raise NotImplementedError("WFNet gates nn.MultiheadAttention without attention masks")
+    """nn.MultiheadAttention.forward with its in- and out-projection units gated (batched inputs)."""
+    if key_padding_mask is not None or attn_mask is not None or is_causal or query.dim() != 3:
+        raise NotImplementedError("WFNet gates nn.MultiheadAttention on batched inputs without masks")
     if not m.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))   # (B, L, E)
     E, b_in = m.embed_dim, m.in_proj_bias
@@ -201,7 +209,9 @@ def _gated_attention(m, a_in, a_out, query, key, value, key_padding_mask=None, n
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=m.dropout if m.training else 0.0)
     out = F.linear(rearrange(out, "b h l d -> b l (h d)"), m.out_proj.weight, m.out_proj.bias)
     out = _scale(out, a_out, m.out_proj.bias)
-    return (out if m.batch_first else out.transpose(0, 1)), None
+    weights = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1) if need_weights else None  # (B, h, L, S)
+    weights = weights.mean(1) if need_weights and average_attn_weights else weights
+    return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
 class WFNet(nn.Module):
@@ -209,7 +219,8 @@ class WFNet(nn.Module):
 
     wf(x) or wf(x, forget=None): the wrapped model's outputs, unchanged.
     wf(x, forget=c): row c of every alpha; forget=[3, 5]: a set of classes, rows combined.
-    wf(x, forget=t): per sample, t a LongTensor (B,) (a class each) or (B, S) (a set each).
+    wf(x, forget=t): per sample, t a LongTensor (B,) (a class each) or (B, S) (a set each); this
+        needs the batch first in every filtered output (not so in a sequence-first Transformer).
     wf.export(forget=c or [3, 5]): a plain copy of the model with the row(s) in its weights.
     """
 
@@ -263,9 +274,10 @@ class WFNet(nn.Module):
         return [a[rows].amin(-2) if self.combine == "min" else a[rows].prod(-2) for a in self.alpha]
 
     def forward(self, x, forget=None):
-        if forget is None:
-            return self.model(x)
-        rows = self._rows(forget, x.shape[0])
+        return self.model(x) if forget is None else self.filtered(x, self._rows(forget, x.shape[0]))
+
+    def filtered(self, x, rows):
+        """Run with the rows of `rows`, checked classes: (S,) for the batch, (B, S) per sample."""
         if rows.dim() == 1 or self.granularity == "channel":
             return self.gated(x, self.gates(rows))
         # weight granularity, a set per sample: one pass per distinct set, then restore the order
@@ -282,9 +294,10 @@ class WFNet(nn.Module):
             weights = {n: (w * g.view_as(w)).contiguous()
                        for n, w, g in zip(self.names, map(self.model.get_parameter, self.names), gates)}
             return torch.func.functional_call(self.model, weights, (x,))
-        hooks = []
+        hooks, forwards = [], {}
         for m, i in self.sites:
-            if isinstance(m, nn.MultiheadAttention):      # an instance forward, removed below
+            if isinstance(m, nn.MultiheadAttention):      # an instance forward, the old one put back below
+                forwards[m] = m.__dict__.get("forward")
                 m.forward = partial(_gated_attention, m, gates[i[0]], gates[i[1]])
             else:
                 hooks.append(m.register_forward_hook(partial(_gate_hook, gates[i[0]])))
@@ -293,8 +306,10 @@ class WFNet(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-            for m, _ in self.sites:
-                m.__dict__.pop("forward", None)
+            for m, old in forwards.items():
+                m.__dict__.pop("forward")
+                if old is not None:
+                    m.forward = old
 
     @torch.no_grad()
     def export(self, forget):
@@ -333,9 +348,11 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
     gen = torch.Generator().manual_seed(seed)
     n, half, nc = len(x), batch_size // 2, wf.num_classes
     steps = untrain_steps(n, epochs, batch_size)
-    opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr)
+    opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
-    history, skipped, perm = [], torch.zeros((), dtype=torch.long, device=x.device), torch.empty(0, dtype=torch.long)
+    history, skipped, perm = [], torch.zeros((), device=x.device), torch.empty(0, dtype=torch.long)
+    if y.min() < 0 or y.max() >= nc:                      # checked once here, not in every step
+        raise ValueError(f"labels must lie in 0..{nc - 1}")
     wf.train()
     bar = tqdm(range(steps), desc="untrain", disable=not progress, mininterval=2)
     for step in bar:
@@ -347,25 +364,22 @@ def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0,
         shift = torch.randint(1, nc, (T, len(yr)), generator=gen).to(yr.device)
         rows = torch.cat([yf, ((yr + shift) % nc).flatten()])   # own label; (T, B/2) rows != label
         with autocast():
-            logits = wf(torch.cat([xf, xr.repeat(T, 1, 1, 1)]), forget=rows).float()
+            logits = wf.filtered(torch.cat([xf, xr.repeat(T, 1, 1, 1)]), rows[:, None]).float()
         loss, L_r, L_f, R = wfnet_loss(logits[:half], yf, logits[half:], yr.repeat(T), wf.alpha,
                                        lambda0, lambda1, lambda2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # a non-finite loss never reaches alpha: that step leaves alpha as it was (Adam's moments
-        # decay once), decided on the device with no host sync; the schedule always advances
-        ok = torch.isfinite(loss)
-        skipped += ~ok
-        before = [a.detach().clone() for a in wf.alpha]
-        for a in wf.alpha:
-            a.grad = torch.where(ok, a.grad, 0)
+        # a non-finite loss never reaches alpha: the fused step is skipped on the device, moments and
+        # step count untouched, with no host sync (torch.amp.GradScaler's contract); the schedule advances
+        opt.found_inf = (~torch.isfinite(loss)).float()
+        skipped += opt.found_inf
         opt.step()
         sched.step()
         with torch.no_grad():
-            for a, a0 in zip(wf.alpha, before):
-                a.copy_(torch.where(ok, a.clamp(0, 1), a0))   # the projection back into [0, 1]
+            for a in wf.alpha:
+                a.clamp_(0, 1)                            # the projection back into [0, 1]
         history.append(torch.stack([L_r, L_f, R]).detach())
-        if progress and step % log_every == 0:            # the only host sync, every few steps
+        if progress and step % log_every == 0:            # channel granularity: the only host sync
             bar.set_postfix(dict(zip(("L_r", "L_f", "R"), history[-1].tolist())), refresh=False)
     wf.eval()
     return dict(history=torch.stack(history).tolist(), skipped_steps=int(skipped), steps=steps)
@@ -780,12 +794,12 @@ def run(cfg):
     # 3. every class evaluated from the one checkpoint, then explained
     t0 = time.time()
     torch.manual_seed(cfg["seed"] + 1)                    # T_d for ZRF: same arch, random init
-    res = evaluate(model, lambda c: partial(wf, forget=c), data, None, model_from_config(cfg, spec, shape, dev),
-                   cfg["eval_train"], cfg["seed"], autocast=autocast)
+    res = evaluate(model, lambda c: partial(wf, forget=c), data, None,
+                   model_from_config(cfg, spec, shape, dev).eval(), cfg["eval_train"], cfg["seed"], autocast=autocast)
     t_ev, t0 = time.time() - t0, time.time()
     res["explain"] = explain(wf, data, res["original"]["confusion_test"], cfg["explain_samples"],
                              seed=cfg["seed"], autocast=autocast)
-    res.update(config={k: v for k, v in cfg.items() if k != "progress"}, class_names=spec["names"],
+    res.update(config={k: v for k, v in cfg.items() if k != "progress"}, original_made_by=meta, class_names=spec["names"],
                times_s=dict(pretrain=ckpt["meta"].get("train_seconds", float("nan")), untrain=wf_ckpt["meta"][
                    "untrain_seconds"], evaluate=t_ev, explain=time.time() - t0),
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,

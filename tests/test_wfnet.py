@@ -103,6 +103,31 @@ def test_per_sample_batch_equals_one_pass_per_class(arch, granularity):
         assert torch.allclose(batched[i], wf(x[i:i + 1], forget=c)[0], atol=1e-5)
 
 
+def test_gated_attention_is_multihead_attention_itself():
+    """With the gates at 1, the gated forward gives nn.MultiheadAttention's outputs and weights, for
+    both layouts and both ways of returning the weights; an instance forward of the user's stays."""
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        m = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+        q, k = torch.randn(3, 4, 8), torch.randn(3, 5, 8)        # (B, L, E), (B, S, E)
+        if not batch_first:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)   # (L, B, E), (S, B, E)
+        for average in (True, False):
+            ref = m(q, k, k, average_attn_weights=average)
+            out = wfnet._gated_attention(m, torch.ones(24), torch.ones(8), q, k, k, average_attn_weights=average)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out, ref))
+    model, x = tiny("attention")
+    calls = []
+
+    def users_forward(*args, **kw):                       # e.g. a library's hook on the instance
+        calls.append(1)
+        return nn.MultiheadAttention.forward(model.attention, *args, **kw)
+    model.attention.forward = users_forward
+    wf = randomize(WFNet(model, 5))
+    assert not torch.allclose(wf(x, forget=1), wf(x), atol=1e-3) and calls == [1]   # gated, then the user's
+    assert model.attention.forward is users_forward
+
+
 def test_attention_with_a_mask_is_refused_not_filtered_wrongly():
     class Masked(nn.Module):
         def __init__(self):
@@ -284,17 +309,36 @@ def test_weight_granularity_untrains_a_channels_last_model():
     assert min(a.min().item() for a in wf.alpha) < 1     # alpha moved
 
 
-def test_a_non_finite_loss_never_reaches_alpha():
-    """A backbone whose logits are inf: every step is skipped on the device, alpha stays at 1,
-    the count comes back, and the history holds every step."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-    with torch.no_grad():
-        net[1].bias.fill_(float("inf"))
-    wf = WFNet(net, 10)
-    x, y = synthetic_images(64)
-    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=32, progress=False)
-    assert info["skipped_steps"] == info["steps"] == 2 and len(info["history"]) == 2
-    assert all(torch.equal(a, torch.ones_like(a)) for a in wf.alpha)
+def test_a_non_finite_step_never_reaches_alpha(monkeypatch):
+    """The loss of step 2 of 5 is NaN: that step leaves alpha (and Adam's moments) exactly as they
+    were, the others train, the count comes back and the schedule still runs to its end."""
+    snapshots, calls, scheds = [], [0], []
+    loss = wfnet.wfnet_loss
+
+    def nan_at_step_2(*args, **kw):
+        calls[0] += 1
+        out = loss(*args, **kw)
+        return (out[0] * float("nan"),) + out[1:] if calls[0] == 2 else out
+    step = torch.optim.lr_scheduler.LambdaLR.step
+
+    def record(self, *a, **k):                            # after each optimizer step, before the projection
+        scheds.append(self)
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in self.optimizer.param_groups[0]["params"]]))
+        return step(self, *a, **k)
+    monkeypatch.setattr(wfnet, "wfnet_loss", nan_at_step_2)
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", record)
+    torch.manual_seed(0)
+    wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
+    x, y = synthetic_images(160)
+    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=32, lr=0.05, progress=False)
+    snapshots = snapshots[1:]                             # the first call is LambdaLR's own, at construction
+    assert info["steps"] == 5 and info["skipped_steps"] == 1 and len(info["history"]) == 5
+    assert torch.equal(snapshots[1], snapshots[0].clamp(0, 1))    # step 2 changed nothing
+    assert not torch.equal(snapshots[2], snapshots[1].clamp(0, 1))   # step 3 trained again
+    assert all(torch.isfinite(a).all() for a in wf.alpha)
+    opt = scheds[-1].optimizer
+    assert scheds[-1].last_epoch == 5 and opt.param_groups[0]["lr"] == 0   # the linear decay ran to its end
+    assert all(opt.state[p]["step"].item() == 4 for p in wf.alpha)     # Adam counted the four real steps
 
 
 def test_untraining_is_deterministic():

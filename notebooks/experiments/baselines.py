@@ -166,7 +166,7 @@ def run(cfg):
     if any(not 0 <= c < nc for c in classes):
         raise wfnet.WFError(f"--classes must lie in 0..{nc - 1}")
     make = lambda: wfnet.model_from_config(cfg, spec, x_tr.shape[1:], dev)
-    path = out / "original.pt"
+    path = Path(cfg["checkpoint"] or out / "original.pt")
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py` with the same flags first")
     original = wfnet.load_model(cfg, spec, x_tr.shape[1:], dev, wfnet.load_checkpoint(path), path)

@@ -41,8 +41,8 @@ def load_run(out, **overrides):
     dev = torch.device(cfg["device"] if cfg["device"] == "cpu" or torch.cuda.is_available() else "cpu")
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], dev)
     x = data["train"][0]
-    model = wfnet.load_model(cfg, data["spec"], x.shape[1:], dev, wfnet.load_checkpoint(out / "original.pt"),
-                             out / "original.pt")
+    original = Path(cfg.get("checkpoint") or out / "original.pt")   # --checkpoint runs write none
+    model = wfnet.load_model(cfg, data["spec"], x.shape[1:], dev, wfnet.load_checkpoint(original), original)
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     wf.alpha.load_state_dict(wfnet.load_checkpoint(out / "wfnet.pt")["state_dict"])
     return cfg, data, model, wf
