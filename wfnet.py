@@ -28,8 +28,8 @@ COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128, untrain_
               T=4, lambda0=3.0, lambda1=1.0, lambda2=1.0, granularity="channel", combine="min",
               explain_samples=100, seed=0, data_dir="data", out=None, compile=False)
 PRESETS = {
-    "quick": dict(epochs=3, augment=False, untrain_epochs=0.8, untrain_lr=0.05, eval_train=10000),
-    "full": dict(epochs=30, augment=True, untrain_epochs=5, untrain_lr=0.01, eval_train=0),
+    "quick": dict(epochs=3, augment=False, untrain_steps=374, untrain_lr=0.05, eval_train=10000),
+    "full": dict(epochs=30, augment=True, untrain_steps=1950, untrain_lr=0.01, eval_train=0),
 }
 ARCHS = {  # per backbone: optimizer of the original model; width (and stem stride) as (quick, full)
     "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, width=(16, 64), stem_stride=(2, 1)),
@@ -336,18 +336,13 @@ def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, la
     R = torch.cat([(1 - a).flatten() for a in alpha]).mean()
     return lambda0 * L_r + lambda1 * L_f + lambda2 * R, L_r, L_f, R
 
-def untrain_steps(n, epochs, batch_size):
-    """Optimizer steps of an untraining over n samples; epochs may be fractional (0.8)."""
-    return max(1, round(epochs * (n // batch_size)))
-
-def untrain(wf, x, y, spec, epochs=1, batch_size=128, T=4, lr=1e-2, lambda0=1.0, lambda1=1.0,
+def untrain(wf, x, y, spec, steps=374, batch_size=128, T=4, lr=0.05, lambda0=3.0, lambda1=1.0,
             lambda2=1.0, seed=0, autocast=contextlib.nullcontext, progress=True, log_every=25):
     """Train the memory matrices of `wf` for all classes in one round on uint8 images x. Returns
     the history (L_r, L_f, R per step), the steps, and the steps skipped for a non-finite loss."""
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed)
     n, half, nc = len(x), batch_size // 2, wf.num_classes
-    steps = untrain_steps(n, epochs, batch_size)
     opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     history, skipped, perm = [], torch.zeros((), device=x.device), torch.empty(0, dtype=torch.long)
@@ -702,7 +697,7 @@ def parse_args(argv=None):
     add("--lr", type=positive, help="peak learning rate of the original model")
     add("--augment", action=argparse.BooleanOptionalAction, help="crop/flip for the original model")
     add("--weight-decay", type=_at_least(0, float))
-    add("--untrain-epochs", type=positive, help="may be fractional, e.g. 0.6")
+    add("--untrain-steps", type=_at_least(1), help="optimizer steps of the untraining")
     add("--untrain-batch-size", type=_at_least(2), help="B: half forget, half retain")
     add("--untrain-lr", type=positive, help="Adam learning rate of alpha")
     add("-T", "--T", type=_at_least(1), dest="T", help="retain label expansion")
@@ -776,14 +771,14 @@ def run(cfg):
     # 2. untraining: one round, all classes
     wf = WFNet(model, nc, cfg["granularity"], cfg["combine"])
     wf_meta = {**meta, "eps": EPS, "untrain_seed": cfg["seed"], **{k: cfg[k] for k in (
-        "granularity", "untrain_epochs", "T", "untrain_batch_size", "untrain_lr", "lambda0", "lambda1", "lambda2")}}
+        "granularity", "untrain_steps", "T", "untrain_batch_size", "untrain_lr", "lambda0", "lambda1", "lambda2")}}
     wf_ckpt = None if cfg["checkpoint"] else _reusable(out / "wfnet.pt", wf_meta)
     if wf_ckpt is not None:
         wf.alpha.load_state_dict(wf_ckpt["state_dict"])
         print(f"reusing the memory matrices from {out / 'wfnet.pt'}")
     else:
         t0 = time.time()
-        info = untrain(wf, x_tr, y_tr, spec, cfg["untrain_epochs"], cfg["untrain_batch_size"], cfg["T"],
+        info = untrain(wf, x_tr, y_tr, spec, cfg["untrain_steps"], cfg["untrain_batch_size"], cfg["T"],
                        cfg["untrain_lr"], cfg["lambda0"], cfg["lambda1"], cfg["lambda2"], cfg["seed"],
                        autocast, cfg["progress"])
         wf_ckpt = dict(meta={**wf_meta, "untrain_seconds": time.time() - t0}, state_dict=wf.alpha.state_dict())

@@ -15,7 +15,7 @@ import wfnet  # noqa: E402
 torch.set_num_threads(2)
 
 # a tiny, fast command line: width 4, one epoch, batch 32, on MNIST-format files
-FAST = ["--width", "4", "--epochs", "1", "--untrain-epochs", "1", "--batch-size", "32",
+FAST = ["--width", "4", "--epochs", "1", "--untrain-steps", "9", "--batch-size", "32",
         "--untrain-batch-size", "32", "--no-progress", "--dataset", "mnist"]
 
 

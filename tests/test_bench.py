@@ -21,7 +21,7 @@ def test_benchmark_prints_every_ratio(tmp_path, capsys):
     s = res["step_seconds"]
     assert res["untrain_over_train_throughput"] == pytest.approx(
         (16 + 4 * 16) / s["channel"] / (32 / s["train"]))   # B = 32, T = 4: 16 + 4 x 16 samples
-    steps = wfnet.untrain_steps(300, 1, 32)
+    steps = 9                                             # FAST's --untrain-steps
     assert res["untrain_seconds_estimate"] == pytest.approx(s["channel"] * steps)
     assert res["economy_estimate"]["finetune"] == pytest.approx(10 * s["finetune"] / s["channel"])
     retrain_steps = 8                                     # 270 samples without class c, batch 32

@@ -75,3 +75,16 @@ def test_explain_writes_pairs_and_pictures_of_a_run(mnist, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         explain.main([str(tmp_path / "none")])
     assert e.value.code == 2 and "run `python wfnet.py" in capsys.readouterr().err
+
+
+def test_backbone_view_holds_the_head_at_one():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    wf = wfnet.WFNet(model, 3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in wf.alpha:
+            a.copy_(torch.rand(a.shape, generator=g))
+    view, x = common.Backbone(wf), torch.randn(5, 4)
+    assert len(view.alpha) == 1 and view.alpha[0] is wf.alpha[0]
+    gate = [wf.alpha[0][1]]
+    assert torch.equal(view.gated(x, gate), wf.gated(x, [wf.alpha[0][1], torch.ones(3)]))

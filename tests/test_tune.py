@@ -22,7 +22,7 @@ def test_grid_is_every_combination_typed_by_the_command_line():
 @pytest.mark.parametrize("tries, message", [
     (["epochs=3"], "NAME one of"), (["lambda0="], "NAME"), (["T=2.5"], "invalid int value"),
     (["T=0"], "argument -T/--T: must be >= 1"), (["lambda0=1", "lambda0=2"], "twice"),
-    (["untrain_epochs=0"], "must be > 0")])
+    (["untrain_steps=0"], "must be >= 1")])
 def test_bad_tries_are_one_line(tries, message, capsys):
     with pytest.raises(SystemExit) as e:
         tune.main([f"--try={t}" for t in tries])
@@ -40,7 +40,10 @@ def test_tune_runs_each_combination_once_per_seed(tmp_path, monkeypatch, capsys)
     table = tune.main(flags + ["--seeds", "0", "1", "--try", "lambda1=1,2"])
     assert [combo for combo, _ in table] == [dict(lambda1="1"), dict(lambda1="2")]
     assert [runs[0]["settings"]["lambda1"] for _, runs in table] == [1.0, 2.0]
-    runs = json.loads((tmp_path / "o" / "tune.json").read_text())["runs"]
+    more = tune.main(flags + ["--seeds", "1", "--try", "lambda1=3", "--more"])[0][1][0]
+    assert 0 <= more["backbone_deletion_wins"] <= 10 and more["worst_acc_f_test"] >= more["acc_f_test"]
+    assert all(k in more for k in tune.MORE)
+    runs = [r for r in json.loads((tmp_path / "o" / "tune.json").read_text())["runs"] if r["settings"]["lambda1"] != 3]
     assert len(runs) == 4 and {r["seed"] for r in runs} == {0, 1}
     # lambda1=1 is wfnet.py's setting: the same untraining as the seed's wfnet.pt
     res = json.loads((tmp_path / "o" / "seed1" / "results.json").read_text())["mean"]

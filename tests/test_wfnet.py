@@ -1,5 +1,5 @@
 """Tests for wfnet.py: numbers against independent references, on tiny synthetic data."""
-import copy, gzip, json, math, pickle
+import copy, gzip, inspect, json, math, pickle
 
 import numpy as np
 import pytest
@@ -286,7 +286,7 @@ def test_alpha_moves_under_untraining():
     x, y = synthetic_images(64)
     torch.manual_seed(0)
     wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
-    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=64, lr=0.01, lambda2=0,
+    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=1, batch_size=64, lr=0.01, lambda2=0,
                          progress=False)            # the data terms alone: R pulls a random network up
     moved = max((1 - a).max().item() for a in wf.alpha)
     assert info["steps"] == 1 and len(info["history"]) == 1
@@ -302,7 +302,7 @@ def test_weight_granularity_untrains_a_channels_last_model():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (256, 1, 28, 28), dtype=torch.uint8, generator=g)
     y = torch.arange(256) % 10
-    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=32,
+    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=8, batch_size=32,
                          progress=False)
     assert info["steps"] == 8 and info["skipped_steps"] == 0
     assert all(torch.isfinite(a).all() for a in wf.alpha)
@@ -330,7 +330,7 @@ def test_a_non_finite_step_never_reaches_alpha(monkeypatch):
     torch.manual_seed(0)
     wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
     x, y = synthetic_images(160)
-    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], epochs=1, batch_size=32, lr=0.05, progress=False)
+    info = wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=5, batch_size=32, progress=False)
     snapshots = snapshots[1:]                             # the first call is LambdaLR's own, at construction
     assert info["steps"] == 5 and info["skipped_steps"] == 1 and len(info["history"]) == 5
     assert torch.equal(snapshots[1], snapshots[0].clamp(0, 1))    # step 2 changed nothing
@@ -341,6 +341,15 @@ def test_a_non_finite_step_never_reaches_alpha(monkeypatch):
     assert all(opt.state[p]["step"].item() == 4 for p in wf.alpha)     # Adam counted the four real steps
 
 
+def test_untrain_defaults_are_the_command_lines_quick_recipe():
+    """A user who calls untrain(wf, x, y, spec) gets what `python wfnet.py` runs on a CPU."""
+    defaults = {k: p.default for k, p in inspect.signature(wfnet.untrain).parameters.items()}
+    cfg = wfnet.parse_args(["--device", "cpu"])
+    for arg, setting in (("steps", "untrain_steps"), ("batch_size", "untrain_batch_size"), ("T", "T"),
+                         ("lr", "untrain_lr"), ("lambda0", "lambda0"), ("lambda1", "lambda1"), ("lambda2", "lambda2")):
+        assert defaults[arg] == cfg[setting], arg
+
+
 def test_untraining_is_deterministic():
     x, y = synthetic_images(64)
     spec = wfnet.DATASETS["mnist"]
@@ -348,7 +357,7 @@ def test_untraining_is_deterministic():
     for _ in range(2):
         torch.manual_seed(0)
         wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
-        wfnet.untrain(wf, x, y, spec, epochs=1, batch_size=32, seed=3, progress=False)
+        wfnet.untrain(wf, x, y, spec, steps=2, batch_size=32, seed=3, progress=False)
         alphas.append(torch.cat([a.flatten() for a in wf.alpha]))
     assert torch.equal(alphas[0], alphas[1])
 
@@ -458,7 +467,8 @@ def cli(args, capsys):
     (["--explain-samples", "-1"], "argument --explain-samples: must be >= 0"),
     (["--device", "tpu"], "unknown device"),
     (["--epochs", "0"], "argument --epochs: must be >= 1"),
-    (["--untrain-epochs", "0"], "argument --untrain-epochs: must be > 0"),
+    (["--untrain-steps", "0"], "argument --untrain-steps: must be >= 1"),
+    (["--untrain-lr", "0"], "argument --untrain-lr: must be > 0"),
     (["--untrain-lr", "x"], "argument --untrain-lr: invalid"),
     (["--stem-stride", "3"], "argument --stem-stride: invalid choice"),
     (["--seeds", "0", "1", "0"], "--seeds takes distinct seeds"),
@@ -540,7 +550,7 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", "MNIST", 300, 200)
     out = tmp_path / "o"
     args = ["--dataset", "mnist", "--width", "4", "--epochs", "3", "--batch-size", "32",
-            "--lr", "0.05", "--untrain-epochs", "12", "--untrain-batch-size", "32",
+            "--lr", "0.05", "--untrain-steps", "108", "--untrain-batch-size", "32",
             "--untrain-lr", "0.08", "--data-dir", str(tmp_path / "data"), "--out", str(out),
             "--no-progress", "--forget", "2", "--explain-samples", "10"]
     res = wfnet.run(wfnet.parse_args(args))
@@ -593,7 +603,7 @@ def test_seeds_report_mean_and_sample_std(mnist, tmp_path):
 def test_presets_and_flags_resolve():
     cfg = wfnet.parse_args(["--device", "cpu"])
     assert (cfg["preset"], cfg["arch"], cfg["width"], cfg["optimizer"]) == ("quick", "resnet18", 16, "sgd")
-    assert (cfg["stem_stride"], cfg["augment"], cfg["untrain_epochs"]) == (2, False, 0.8)
+    assert (cfg["stem_stride"], cfg["augment"], cfg["untrain_steps"]) == (2, False, 374)
     cfg = wfnet.parse_args(["--device", "cpu", "--preset", "full", "--augment"])
     assert (cfg["stem_stride"], cfg["augment"], cfg["width"]) == (1, True, 64)
     cfg = wfnet.parse_args(["--device", "cpu", "--stem-stride", "1", "--no-augment"])

@@ -94,7 +94,7 @@ def unlearn(method, original, data, c, cfg, make, wf=None):
                                     cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["seed"],
                                     autocast, progress=False, optimizer=cfg["optimizer"],
                                     augment=cfg["augment"])
-    steps = wfnet.untrain_steps(len(x), cfg["untrain_epochs"], cfg["untrain_batch_size"])
+    steps = cfg["untrain_steps"]
     return _sgd_steps(copy.deepcopy(original), x, y, spec, c, steps, method, cfg["batch_size"],
                       cfg["seed"], autocast)
 
@@ -211,7 +211,7 @@ def run(cfg):
 
 
 def _budget(method, cfg, n):
-    steps = wfnet.untrain_steps(n, cfg["untrain_epochs"], cfg["untrain_batch_size"])
+    steps = cfg["untrain_steps"]
     return {"retrain": f"the original recipe from scratch without class c: {cfg['epochs']} epochs",
             "logit_mask": "none (logit c set to -inf)",
             "wfnet": "one untraining for all classes (wfnet.pt); exported per class",

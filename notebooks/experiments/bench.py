@@ -67,7 +67,7 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
     with torch.no_grad(), autocast():
         fwd = _median_seconds(dict(plain=lambda: wf.model(xb), mixed=lambda: wf(xb, forget=mixed),
                                    exported=lambda: exported(xb)), dev, repeat * 3)
-    n_untrain = wfnet.untrain_steps(len(x), cfg["untrain_epochs"], Bu)
+    n_untrain = cfg["untrain_steps"]
     train_steps = cfg["epochs"] * (len(x) * (nc - 1) // nc // B)   # the recipe without class c
     untrain_s = step["channel"] * n_untrain
     per_class_s = dict(retrain=step["train"] * train_steps,   # baselines: as many steps as untrain

@@ -83,6 +83,17 @@ def pairs(wf, data, per_class=100, max_pairs=45, seed=0):
     return evaluate_sets(wf, *explain_subset(data, per_class, seed), data["spec"], sets)
 
 
+class Backbone:
+    """A WFNet seen without its last filtered weight (the classifier head, held at 1): deletion
+    curves of the backbone's components alone (wfnet.deletion_insertion takes it)."""
+
+    def __init__(self, wf):
+        self.wf, self.alpha, self.num_classes = wf, wf.alpha[:-1], wf.num_classes
+
+    def gated(self, x, gates):
+        return self.wf.gated(x, [*gates, torch.ones_like(self.wf.alpha[-1][0])])
+
+
 def alpha_off(wf):
     """100 * mean(1 - alpha) over the backbone (every filtered weight but the last) and over the
     classifier head (the last): (backbone, head)."""

@@ -4,13 +4,17 @@ tune.py: untraining settings side by side, untrained from the same original mode
     python wfnet.py --seeds 0 1 2 --out runs/quick       # first: one original model per seed
     python notebooks/experiments/tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
 
-Every combination of the --try values (any of untrain_epochs, untrain_batch_size, untrain_lr,
+Every combination of the --try values (any of untrain_steps, untrain_batch_size, untrain_lr,
 T, lambda0, lambda1, lambda2) is untrained once per seed from <out>/seed<k>/original.pt (the
 other settings are wfnet.py's flags) and evaluated on every class with wfnet.evaluate, without
-explanations. Printed per combination, as mean and sample std over the seeds: Acc_f and the
-Acc_r drop on the training subset (choose on these, so that the test set stays for reporting)
-and on the test set; how much of alpha is turned off, 100 * mean(1 - alpha), in the backbone
-(every filtered layer but the last) and in the classifier head (the last); the untraining time.
+explanations. Printed per combination, as mean, sample std and the worst seed: Acc_f (the mean
+over classes and the worst class) and the Acc_r drop on the training subset (choose on these, so
+that the test set stays for reporting) and on the test set; how much of alpha is turned off,
+100 * mean(1 - alpha), in the backbone (every filtered layer but the last) and in the classifier
+head (the last); the untraining time. With --more, also every pair of classes forgotten at once
+(100 samples per class of each split) and deletion over the backbone's components alone: for how
+many classes the alpha order removes class c faster than a random order (10 test samples'
+worth of curves per class, as wfnet.explain).
 A filter that lives only in the head is logit masking with extra steps: the backbone figure
 tells the two apart. Results go to <out>/tune.json; a combination
 already there for a seed, with the same settings, is read back, not run again.
@@ -24,10 +28,13 @@ import torch
 import common
 import wfnet
 
-TUNABLE = ("untrain_epochs", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
+TUNABLE = ("untrain_steps", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
            "lambda2")
-FIGURES = ("acc_f_train", "acc_r_drop_train", "acc_f_test", "acc_r_drop_test", "backbone_off",
-           "head_off", "untrain_s")
+FIGURES = ("acc_f_train", "worst_acc_f_train", "acc_r_drop_train", "acc_f_test", "worst_acc_f_test",
+           "acc_r_drop_test", "backbone_off", "head_off", "untrain_s")
+MORE = ("pairs_acc_f_train", "pairs_acc_r_drop_train", "pairs_acc_f_test", "pairs_acc_r_drop_test",
+        "backbone_deletion_wins")
+HIGHER_IS_BETTER = ("backbone_deletion_wins",)
 
 
 def grid(tries):
@@ -54,24 +61,34 @@ def config(rest, combo):
         raise wfnet.WFError(f"--try {combo}: {e}") from None
 
 
-alpha_off = common.alpha_off
-
-
-def untrain_and_evaluate(cfg, data, model):
-    """One untraining of every class with cfg's settings; the mean figures over the classes."""
+def untrain_and_evaluate(cfg, data, model, more=False):
+    """One untraining of every class with cfg's settings; the figures over the classes."""
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     t0 = time.time()
-    wfnet.untrain(wf, *data["train"], data["spec"], cfg["untrain_epochs"],
+    wfnet.untrain(wf, *data["train"], data["spec"], cfg["untrain_steps"],
                   cfg["untrain_batch_size"], cfg["T"], cfg["untrain_lr"], cfg["lambda0"],
                   cfg["lambda1"], cfg["lambda2"], cfg["seed"],
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
     seconds = time.time() - t0
-    m = wfnet.evaluate(model, lambda c: partial(wf, forget=c), data, None, None, cfg["eval_train"],
-                       cfg["seed"])["mean"]
-    backbone, head = alpha_off(wf)
-    return dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
-                acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
-                backbone_off=backbone, head_off=head, untrain_s=seconds)
+    res = wfnet.evaluate(model, lambda c: partial(wf, forget=c), data, None, None, cfg["eval_train"],
+                         cfg["seed"])
+    m, rows = res["mean"], res["per_class"]
+    backbone, head = common.alpha_off(wf)
+    out = dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
+               acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
+               worst_acc_f_train=max(r["acc_f_train"] for r in rows),
+               worst_acc_f_test=max(r["acc_f_test"] for r in rows),
+               backbone_off=backbone, head_off=head, untrain_s=seconds)
+    if more:
+        for split in ("train", "test"):
+            p = common.pairs(wf, dict(test=data[split], spec=data["spec"]), 100, 45, cfg["seed"])["mean"]
+            out.update({f"pairs_acc_f_{split}": p["acc_f"], f"pairs_acc_r_drop_{split}": p["acc_r_drop"]})
+        x, y = common.explain_subset(data, 100, cfg["seed"])
+        curves = [wfnet.deletion_insertion(common.Backbone(wf), x, y, data["spec"], c, seed=cfg["seed"])
+                  for c in range(wf.num_classes)]
+        out["backbone_deletion_wins"] = sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"]
+                                            for r in curves)
+    return out
 
 
 def load_original(cfg, data, seed):
@@ -93,6 +110,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="untraining settings side by side", add_help=False)
     p.add_argument("--try", dest="tries", action="append", default=[], metavar="NAME=V1,V2",
                    help="values of one untraining setting; repeat for a grid")
+    p.add_argument("--more", action="store_true", help="also pairs and the backbone's deletion curves")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = wfnet.parse_args(rest)
@@ -100,7 +118,7 @@ def main(argv=None):
             raise wfnet.WFError("tune.py starts from <out>/seed<k>/original.pt: drop --checkpoint "
                                 "and --forget")
         combos = grid(args.tries)
-        return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]])
+        return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]], args.more)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -118,44 +136,43 @@ def _read_runs(path):
     raise wfnet.WFError(f"{path} is not a tune.py result file: move it away or delete it")
 
 
-def tune(cfg, combos, seeds):
+def tune(cfg, combos, seeds, more=False):
     """combos: [(the --try values, that combination's full cfg)]. Returns [(values, runs)]."""
     path = Path(cfg["out"]) / "tune.json"
     done = _read_runs(path)
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], torch.device(cfg["device"]))
     fixed = {k: v for k, v in common.config(cfg).items()
              if k not in common.NOT_SETTINGS + ("seed", "forget", "checkpoint", "explain_samples")}
+    figures = FIGURES + (MORE if more else ())
     table = []
     for combo, combo_cfg in combos:
         settings = {k: combo_cfg[k] for k in fixed}
         runs = []
         for seed in seeds:
             old = [r for r in done if r["seed"] == seed and r["settings"] == settings
-                   and all(k in r for k in FIGURES)]
+                   and all(k in r for k in figures)]
             if old:
                 runs.append(old[0])
                 continue
             model = load_original(cfg, data, seed)
             runs.append(dict(seed=seed, settings=settings, **untrain_and_evaluate(
-                {**combo_cfg, "seed": seed}, data, model)))
+                {**combo_cfg, "seed": seed}, data, model, more)))
             done = [r for r in done if r["seed"] != seed or r["settings"] != settings]
             done.append(runs[-1])
             wfnet._write_json(path, dict(runs=done))
-            print(f"seed {seed}, {combo}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in FIGURES),
+            print(f"seed {seed}, {combo}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in figures),
                   flush=True)
         table.append((combo, runs))
-    print(f"over seeds {seeds}, mean +- sample std; Acc in %, drop = original's Acc_r minus "
-          f"the filtered model's on the same samples (train: {cfg['eval_train'] or 'all'} samples); "
-          "*_off = 100 * mean(1 - alpha)")
-    print(f"{'settings':>40} " + " ".join(f"{k:>16}" for k in FIGURES))
+    print(f"over seeds {seeds}: mean +- sample std [the worst seed]; Acc in %, drop = the original's "
+          f"Acc_r minus the filtered model's on the same samples (train: {cfg['eval_train'] or 'all'} "
+          "samples); worst_acc_f: the least forgotten class; *_off = 100 * mean(1 - alpha)")
     for combo, runs in table:
-        cells = []
-        for k in FIGURES:
+        print(" ".join(f"{k}={v}" for k, v in combo.items()) or "(wfnet.py's settings)")
+        for k in figures:
             v = [r[k] for r in runs]
             std = f"{statistics.stdev(v):.2f}" if len(v) > 1 else "n/a"
-            cells.append(f"{statistics.mean(v):8.2f} +- {std:>4}")
-        name = " ".join(f"{k}={v}" for k, v in combo.items()) or "(wfnet.py's settings)"
-        print(f"{name:>40} " + " ".join(f"{c:>16}" for c in cells))
+            worst = min(v) if k in HIGHER_IS_BETTER else max(v)
+            print(f"  {k:>24} {statistics.mean(v):8.2f} +- {std:>5} [{worst:.2f}]")
     return table
 
 
