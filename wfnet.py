@@ -242,9 +242,10 @@ class WFNet(nn.Module):
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and n.rpartition(".")[0] not in attention:
                 self.sites.append((m, [len(self.names)]))
                 self.names.append(prefix + "weight")
+        self.weights = [model.get_parameter(n) for n in self.names]   # a plain list: not registered again
         self.alpha = nn.ParameterList([nn.Parameter(torch.ones(      # alpha_l: (N_c, K_l)
             num_classes, w.shape[0] if granularity == "channel" else w.numel(), device=w.device))
-            for w in map(model.get_parameter, self.names)])
+            for w in self.weights])
 
     def train(self, mode=True):
         super().train(mode)
@@ -292,7 +293,7 @@ class WFNet(nn.Module):
             # .contiguous(): with a channels_last weight, the backward pass of this product
             # corrupted the heap (torch 2.14.1, CPU) within a few untraining steps
             weights = {n: (w * g.view_as(w)).contiguous()
-                       for n, w, g in zip(self.names, map(self.model.get_parameter, self.names), gates)}
+                       for n, w, g in zip(self.names, self.weights, gates)}
             return torch.func.functional_call(self.model, weights, (x,))
         hooks, forwards = [], {}
         for m, i in self.sites:
@@ -546,6 +547,15 @@ def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0, ba
                                           auc_c=area(acc_c), auc_other=area(acc_o))
     return out
 
+def explain_subset(x, y, per_class, seed):
+    """`per_class` random samples of every class (0 = all): the samples the explanations use."""
+    if not per_class:
+        return x, y
+    g = torch.Generator().manual_seed(seed)
+    keep = [(y == k).nonzero().squeeze(1).cpu() for k in y.unique().tolist()]
+    keep = torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in keep]).to(y.device)
+    return x[keep], y[keep]
+
 def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0,
             batch_size=1000, autocast=contextlib.nullcontext):
     """Every explanation of a trained WFNet, on `per_class` test samples of every class (0 = all).
@@ -553,11 +563,7 @@ def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0,
     (x, y), spec, nc = data["test"], data["spec"], wf.num_classes
     if confusion is None:
         confusion = _confusion(y, predict(wf, x, spec, batch_size, autocast).argmax(-1), nc)
-    if per_class:
-        g = torch.Generator().manual_seed(seed)
-        keep = [(y == k).nonzero().squeeze(1).cpu() for k in y.unique().tolist()]
-        keep = torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in keep]).to(y.device)
-        x, y = x[keep], y[keep]
+    x, y = explain_subset(x, y, per_class, seed)
     curves = [deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
                                  autocast=autocast) for c in range(nc)]
     alpha = [dict(layer=n, mean_alpha=a.mean().item(), frac_off=(a < 0.5).float().mean(1).tolist())
@@ -741,6 +747,10 @@ def autocast_for(device):
     """bf16 autocast on CUDA; float32 on CPU (a context that does nothing)."""
     return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext
 
+def _machine(device):
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+
 def run(cfg):
     torch.manual_seed(cfg["seed"])
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
@@ -797,8 +807,7 @@ def run(cfg):
     res.update(config={k: v for k, v in cfg.items() if k != "progress"}, original_made_by=meta, class_names=spec["names"],
                times_s=dict(pretrain=ckpt["meta"].get("train_seconds", float("nan")), untrain=wf_ckpt["meta"][
                    "untrain_seconds"], evaluate=t_ev, explain=time.time() - t0),
-               machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
-                            device=str(dev), gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None))
+               machine=_machine(dev))
     _write_json(out / "results.json", res)
     save_plots(wf, res, out, spec["names"])
     if cfg["forget"]:

@@ -136,7 +136,7 @@ def main(argv=None):
         measured = measured_economy(out, data["spec"]["classes"])
         model = wfnet.model_from_config(cfg, data["spec"], data["train"][0].shape[1:], dev)
         res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), measured=measured,
-                   machine=common.machine(dev), config=common.config(cfg))
+                   machine=wfnet._machine(dev), config=common.config(cfg))
         out.mkdir(parents=True, exist_ok=True)
         wfnet._write_json(out / "benchmark.json", res)
     except wfnet.WFError as e:

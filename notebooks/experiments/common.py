@@ -7,7 +7,7 @@ common.py: what the experiments share, beside wfnet.py (which never imports this
 - alpha_off: how much of alpha is off in the backbone and in the classifier head;
 - plot_explanations: frac_off.png, similarity.png and curves.png of a run's results.json.
 """
-import contextlib, itertools, json, math, os, platform, statistics, sys
+import contextlib, itertools, json, math, statistics, sys
 from functools import partial
 from pathlib import Path
 
@@ -17,11 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import wfnet  # noqa: E402
 
 NOT_SETTINGS = ("progress", "seeds", "out", "data_dir")  # where and how a run is shown, not what it computes
-
-
-def machine(device):
-    return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, device=str(device),
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 def config(cfg):
@@ -62,17 +57,6 @@ def evaluate_sets(wf, x, y, spec, sets, batch_size=1000, autocast=contextlib.nul
     return dict(rule=wf.combine, samples=len(y), per_set=rows, mean=mean)
 
 
-def explain_subset(data, per_class, seed):
-    """The test samples wfnet.explain uses: `per_class` of every class (0 = all)."""
-    x, y = data["test"]
-    if not per_class:
-        return x, y
-    g = torch.Generator().manual_seed(seed)
-    keep = [(y == k).nonzero().squeeze(1).cpu() for k in y.unique().tolist()]
-    keep = torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in keep]).to(y.device)
-    return x[keep], y[keep]
-
-
 def pairs(wf, data, per_class=100, max_pairs=45, seed=0):
     """Every pair of classes forgotten at once (a random subset of `max_pairs` when there are
     more), on the explanation's test samples."""
@@ -80,7 +64,7 @@ def pairs(wf, data, per_class=100, max_pairs=45, seed=0):
     if len(sets) > max_pairs:
         pick = torch.randperm(len(sets), generator=torch.Generator().manual_seed(seed))[:max_pairs]
         sets = [sets[i] for i in sorted(pick.tolist())]
-    return evaluate_sets(wf, *explain_subset(data, per_class, seed), data["spec"], sets)
+    return evaluate_sets(wf, *wfnet.explain_subset(*data["test"], per_class, seed), data["spec"], sets)
 
 
 class Backbone:

@@ -83,7 +83,7 @@ def untrain_and_evaluate(cfg, data, model, more=False):
         for split in ("train", "test"):
             p = common.pairs(wf, dict(test=data[split], spec=data["spec"]), 100, 45, cfg["seed"])["mean"]
             out.update({f"pairs_acc_f_{split}": p["acc_f"], f"pairs_acc_r_drop_{split}": p["acc_r_drop"]})
-        x, y = common.explain_subset(data, 100, cfg["seed"])
+        x, y = wfnet.explain_subset(*data["test"], 100, cfg["seed"])
         curves = [wfnet.deletion_insertion(common.Backbone(wf), x, y, data["spec"], c, seed=cfg["seed"])
                   for c in range(wf.num_classes)]
         out["backbone_deletion_wins"] = sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"]
