@@ -1,0 +1,123 @@
+"""
+course.py: what the chapters of the course (notebooks/0*.ipynb) share. It imports wfnet and the
+experiment helpers; wfnet.py never imports it.
+
+The expensive models live in ONE cache folder, runs/course/ at the repository root. Each function
+below loads a checkpoint there if the settings that made it match, else trains it and saves it
+(wfnet's own mechanism: wfnet._reusable, save_checkpoint, load_model). So any chapter runs alone,
+and the course runs fast in order. The original model and the memory matrices use the file names
+and settings of the command line: `python wfnet.py --out runs/course/fashion-mnist-resnet18`
+reuses them, and the other way round.
+"""
+import inspect, sys, time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "notebooks" / "experiments")]
+import wfnet  # noqa: E402
+import baselines  # noqa: E402
+
+CACHE = ROOT / "runs" / "course"
+# the settings that make an original model: the same list as wfnet.run's
+MADE_BY = ("dataset", "arch", "width", "stem_stride", "epochs", "batch_size", "augment", "optimizer", "lr",
+           "weight_decay", "seed")
+# the command line's untraining settings -> untrain()'s keywords
+RECIPE = dict(untrain_steps="steps", untrain_batch_size="batch_size", T="T", untrain_lr="lr",
+              lambda0="lambda0", lambda1="lambda1", lambda2="lambda2")
+
+
+def setup(full=False, *flags):
+    """(cfg, data): wfnet's command-line settings (the quick preset, or the full one with
+    full=True, plus any flags such as "--arch", "vit") and the dataset on cfg's device."""
+    cfg = wfnet.parse_args(["--preset", "full" if full else "quick", "--data-dir", str(ROOT / "data"),
+                            "--no-progress", *flags])
+    cfg["out"] = str(CACHE / f"{cfg['dataset']}-{cfg['arch']}-{cfg['preset']}")
+    return cfg, wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["device"])
+
+
+def _meta(cfg, nc):
+    return dict(num_classes=nc, **{k: cfg[k] for k in MADE_BY if k in cfg})
+
+
+def original(cfg, data):
+    """The original model for cfg: <out>/original.pt if made with these settings, else trained
+    (as wfnet.run trains it) and saved. Returns (model, seconds it took to train)."""
+    spec, (x, y) = data["spec"], data["train"]
+    out, dev = Path(cfg["out"]), torch.device(cfg["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    path, meta = out / "original.pt", _meta(cfg, spec["classes"])
+    ckpt = wfnet._reusable(path, meta)
+    if ckpt is None:
+        torch.manual_seed(cfg["seed"])
+        model, t0 = wfnet.model_from_config(cfg, spec, x.shape[1:], dev), time.time()
+        wfnet.train_original(model, x, y, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
+                             cfg["weight_decay"], cfg["seed"], wfnet.autocast_for(dev), False,
+                             cfg["optimizer"], cfg["augment"])
+        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
+        wfnet.save_checkpoint(path, **ckpt)
+        print(f"trained the original model -> {path}")
+    else:
+        print(f"loaded the original model from {path}")
+    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+
+
+def untrain_defaults():
+    """untrain()'s own keyword defaults (its recipe), minus how it reports."""
+    skip = ("seed", "autocast", "progress", "log_every")
+    return {k: p.default for k, p in inspect.signature(wfnet.untrain).parameters.items()
+            if p.default is not inspect.Parameter.empty and k not in skip}
+
+
+def untrained(cfg, data, model, name="wfnet.pt", **changes):
+    """A WFNet around `model` with its memory matrices untrained by cfg's recipe (untrain()'s
+    defaults in the quick preset), with `changes` of the command line's names (lambda2=100);
+    from <out>/<name> if made with these settings. Returns (wf, info): info holds the loss
+    history (L_r, L_f, R per step) and the untraining's seconds."""
+    cfg = {**cfg, **changes}
+    spec, (x, y) = data["spec"], data["train"]
+    nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
+    wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
+    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}}
+    meta = {**_meta(cfg, nc), "eps": wfnet.EPS, "untrain_seed": cfg["seed"], "granularity": cfg["granularity"],
+            **{k: cfg[k] for k in RECIPE}, "recipe": recipe}   # wfnet.run's settings, and untrain()'s own
+    ckpt = wfnet._reusable(path, meta)
+    if ckpt is not None and "history" in ckpt["meta"]:
+        wf.alpha.load_state_dict(ckpt["state_dict"])
+        print(f"loaded the memory matrices from {path}")
+        return wf, dict(history=ckpt["meta"]["history"], seconds=ckpt["meta"]["untrain_seconds"])
+    t0 = time.time()
+    info = wfnet.untrain(wf, x, y, spec, **recipe, seed=cfg["seed"], autocast=wfnet.autocast_for(dev),
+                         progress=False)
+    seconds = time.time() - t0
+    wfnet.save_checkpoint(path, {**meta, "untrain_seconds": seconds, "history": info["history"]},
+                          wf.alpha.state_dict())
+    print(f"untrained all {nc} classes -> {path}")
+    return wf, dict(history=info["history"], seconds=seconds)
+
+
+def retrained(cfg, data, c):
+    """The retrain oracle for class c: the original recipe from scratch on the training data
+    without class c (baselines.unlearn), from <out>/retrain_<c>.pt if it is there.
+    Returns (model, seconds)."""
+    spec, x = data["spec"], data["train"][0]
+    dev, path = torch.device(cfg["device"]), Path(cfg["out"]) / f"retrain_{c}.pt"
+    meta = {**_meta(cfg, spec["classes"]), "forgotten_class": c}
+    ckpt = wfnet._reusable(path, meta)
+    if ckpt is None:
+        Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
+        make = lambda: wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
+        t0 = time.time()
+        model = baselines.unlearn("retrain", None, data, c, cfg, make)
+        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
+        wfnet.save_checkpoint(path, **ckpt)
+        print(f"retrained without class {c} -> {path}")
+    else:
+        print(f"loaded the model retrained without class {c} from {path}")
+    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+
+
+def accuracy(net, x, y, spec):
+    """% of the samples x (uint8) that net classifies as y."""
+    return 100 * (wfnet.predict(net, x, spec).argmax(-1) == y).float().mean().item()
