@@ -79,9 +79,10 @@ def untrained(cfg, data, model, name="wfnet.pt", **changes):
     spec, (x, y) = data["spec"], data["train"]
     nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
-    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}}
+    same_name = {k: cfg[k] for k in untrain_defaults() if k in cfg and k not in RECIPE.values()}  # focus, ...
+    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}, **same_name}
     meta = {**_meta(cfg, nc), "eps": wfnet.EPS, "untrain_seed": cfg["seed"], "granularity": cfg["granularity"],
-            **{k: cfg[k] for k in RECIPE}, "recipe": recipe}   # wfnet.run's settings, and untrain()'s own
+            **{k: cfg[k] for k in RECIPE}, **same_name, "recipe": recipe}   # wfnet.run's settings, and untrain()'s
     ckpt = wfnet._reusable(path, meta)
     if ckpt is not None and "history" in ckpt["meta"]:
         wf.alpha.load_state_dict(ckpt["state_dict"])
