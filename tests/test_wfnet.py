@@ -1,5 +1,6 @@
 """Tests for wfnet.py: numbers against independent references, on tiny synthetic data."""
 import copy, gzip, inspect, json, math, pickle
+from functools import partial
 
 import numpy as np
 import pytest
@@ -346,8 +347,27 @@ def test_untrain_defaults_are_the_command_lines_quick_recipe():
     defaults = {k: p.default for k, p in inspect.signature(wfnet.untrain).parameters.items()}
     cfg = wfnet.parse_args(["--device", "cpu"])
     for arg, setting in (("steps", "untrain_steps"), ("batch_size", "untrain_batch_size"), ("T", "T"),
-                         ("lr", "untrain_lr"), ("lambda0", "lambda0"), ("lambda1", "lambda1"), ("lambda2", "lambda2")):
+                         ("lr", "untrain_lr"), ("lambda0", "lambda0"), ("lambda1", "lambda1"), ("lambda2", "lambda2"),
+                         ("focus", "focus")):
         assert defaults[arg] == cfg[setting], arg
+
+
+def test_untrain_defaults_forget_every_class_of_a_small_generated_dataset():
+    """untrain(wf, x, y, spec) as a user calls it, on 2,000 generated images that are not
+    Fashion-MNIST: its own defaults forget every class and keep the others."""
+    x, y = synthetic_images(2000, seed=5)
+    spec, test = wfnet.DATASETS["mnist"], synthetic_images(500, seed=6)
+    torch.manual_seed(0)
+    model = wfnet.train_original(wfnet.ResNet18(10, 1, 8, 2), x, y, spec, 2, 64, 0.05, progress=False,
+                                 augment=False)
+    wf = WFNet(model, 10)
+    wfnet.untrain(wf, x, y, spec, progress=False)
+    res = wfnet.evaluate(model, lambda c: partial(wf, forget=c), dict(train=(x, y), test=test, spec=spec),
+                         eval_train=0)
+    assert res["original"]["test_acc"] > 99
+    assert max(r["acc_f_test"] for r in res["per_class"]) <= 2, [r["acc_f_test"] for r in res["per_class"]]
+    assert max(r["acc_f_train"] for r in res["per_class"]) <= 2
+    assert res["mean"]["acc_r_drop_test"] <= 1
 
 
 def test_untraining_is_deterministic():
@@ -550,7 +570,7 @@ def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
     write_mnist_like(tmp_path / "data", "MNIST", 300, 200)
     out = tmp_path / "o"
     args = ["--dataset", "mnist", "--width", "4", "--epochs", "3", "--batch-size", "32",
-            "--lr", "0.05", "--untrain-steps", "108", "--untrain-batch-size", "32",
+            "--lr", "0.05", "--untrain-steps", "270", "--untrain-batch-size", "32",
             "--untrain-lr", "0.08", "--data-dir", str(tmp_path / "data"), "--out", str(out),
             "--no-progress", "--forget", "2", "--explain-samples", "10"]
     res = wfnet.run(wfnet.parse_args(args))
@@ -603,7 +623,7 @@ def test_seeds_report_mean_and_sample_std(mnist, tmp_path):
 def test_presets_and_flags_resolve():
     cfg = wfnet.parse_args(["--device", "cpu"])
     assert (cfg["preset"], cfg["arch"], cfg["width"], cfg["optimizer"]) == ("quick", "resnet18", 16, "sgd")
-    assert (cfg["stem_stride"], cfg["augment"], cfg["untrain_steps"]) == (2, False, 374)
+    assert (cfg["stem_stride"], cfg["augment"], cfg["untrain_steps"], cfg["T"]) == (2, False, 1400, 1)
     cfg = wfnet.parse_args(["--device", "cpu", "--preset", "full", "--augment"])
     assert (cfg["stem_stride"], cfg["augment"], cfg["width"]) == (1, True, 64)
     cfg = wfnet.parse_args(["--device", "cpu", "--stem-stride", "1", "--no-augment"])

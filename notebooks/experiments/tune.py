@@ -5,7 +5,7 @@ tune.py: untraining settings side by side, untrained from the same original mode
     python notebooks/experiments/tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
 
 Every combination of the --try values (any of untrain_steps, untrain_batch_size, untrain_lr,
-T, lambda0, lambda1, lambda2) is untrained once per seed from <out>/seed<k>/original.pt (the
+T, lambda0, lambda1, lambda2, focus) is untrained once per seed from <out>/seed<k>/original.pt (the
 other settings are wfnet.py's flags) and evaluated on every class with wfnet.evaluate, without
 explanations. Printed per combination, as mean, sample std and the worst seed: Acc_f (the mean
 over classes and the worst class) and the Acc_r drop on the training subset (choose on these, so
@@ -29,9 +29,9 @@ import common
 import wfnet
 
 TUNABLE = ("untrain_steps", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
-           "lambda2")
+           "lambda2", "focus")
 FIGURES = ("acc_f_train", "worst_acc_f_train", "acc_r_drop_train", "acc_f_test", "worst_acc_f_test",
-           "acc_r_drop_test", "backbone_off", "head_off", "untrain_s")
+           "acc_r_test", "acc_r_drop_test", "backbone_off", "head_off", "untrain_s")
 MORE = ("pairs_acc_f_train", "pairs_acc_r_drop_train", "pairs_acc_f_test", "pairs_acc_r_drop_test",
         "backbone_deletion_wins")
 HIGHER_IS_BETTER = ("backbone_deletion_wins",)
@@ -67,7 +67,7 @@ def untrain_and_evaluate(cfg, data, model, more=False):
     t0 = time.time()
     wfnet.untrain(wf, *data["train"], data["spec"], cfg["untrain_steps"],
                   cfg["untrain_batch_size"], cfg["T"], cfg["untrain_lr"], cfg["lambda0"],
-                  cfg["lambda1"], cfg["lambda2"], cfg["seed"],
+                  cfg["lambda1"], cfg["lambda2"], cfg["focus"], cfg["seed"],
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
     seconds = time.time() - t0
     res = wfnet.evaluate(model, lambda c: partial(wf, forget=c), data, None, None, cfg["eval_train"],
@@ -75,7 +75,7 @@ def untrain_and_evaluate(cfg, data, model, more=False):
     m, rows = res["mean"], res["per_class"]
     backbone, head = common.alpha_off(wf)
     out = dict(acc_f_train=m["acc_f_train"], acc_r_drop_train=m["acc_r_drop_train"],
-               acc_f_test=m["acc_f_test"], acc_r_drop_test=m["acc_r_drop_test"],
+               acc_f_test=m["acc_f_test"], acc_r_test=m["acc_r_test"], acc_r_drop_test=m["acc_r_drop_test"],
                worst_acc_f_train=max(r["acc_f_train"] for r in rows),
                worst_acc_f_test=max(r["acc_f_test"] for r in rows),
                backbone_off=backbone, head_off=head, untrain_s=seconds)
