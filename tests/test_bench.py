@@ -1,5 +1,5 @@
 """Tests for bench.py: every ratio is printed and consistent (timings are never asserted)."""
-import json
+import inspect, json
 
 import pytest
 import torch
@@ -19,8 +19,9 @@ def test_benchmark_prints_every_ratio(tmp_path, capsys):
                   "vs finetune", "vs neggrad", "vs random_label", "torch"):
         assert words in printed
     s = res["step_seconds"]
+    T = wfnet.parse_args(FAST)["T"]
     assert res["untrain_over_train_throughput"] == pytest.approx(
-        (16 + 4 * 16) / s["channel"] / (32 / s["train"]))   # B = 32, T = 4: 16 + 4 x 16 samples
+        (16 + T * 16) / s["channel"] / (32 / s["train"]))   # B = 32: 16 forget + T x 16 retain samples
     steps = 9                                             # FAST's --untrain-steps
     assert res["untrain_seconds_estimate"] == pytest.approx(s["channel"] * steps)
     assert res["economy_estimate"]["finetune"] == pytest.approx(10 * s["finetune"] / s["channel"])
@@ -29,6 +30,19 @@ def test_benchmark_prints_every_ratio(tmp_path, capsys):
         10 * s["train"] * retrain_steps / (s["channel"] * steps))
     assert json.loads((out / "benchmark.json").read_text())["machine"]["torch"] == torch.__version__
     assert not (out / "original.pt").exists() and res["measured"] == {}   # nothing trained, kept
+
+
+def test_each_untraining_timing_runs_the_steps_it_is_divided_by(tmp_path, monkeypatch, capsys):
+    """The time of `steps` untraining steps is divided by `steps`: each timed call runs that many."""
+    calls, untrain = [], wfnet.untrain
+
+    def record(wf, x, y, spec, steps, *args, **kw):
+        calls.append(steps)
+        return untrain(wf, x, y, spec, steps, *args, **kw)
+    monkeypatch.setattr(wfnet, "untrain", record)
+    write_mnist_like(tmp_path / "data", "MNIST", 300, 50)
+    bench.main(FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "b")])
+    assert calls and set(calls) == {inspect.signature(bench.benchmark).parameters["steps"].default}
 
 
 def test_measured_economy_reads_the_runs(tmp_path):

@@ -53,8 +53,8 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
                                          cfg["weight_decay"], autocast=autocast, progress=False,
                                          optimizer=cfg["optimizer"], augment=cfg["augment"])
     wfs = {g: wfnet.WFNet(copy.deepcopy(model), nc, g) for g in ("channel", "weight")}
-    untrain_with = lambda g: lambda: wfnet.untrain(wfs[g], x[:steps * Bu], y[:steps * Bu], spec, 1,
-                                                   Bu, T, autocast=autocast, progress=False)
+    untrain_with = lambda g: lambda: wfnet.untrain(wfs[g], x, y, spec, steps, Bu, T, focus=cfg["focus"],
+                                                   autocast=autocast, progress=False)
     sgd_with = lambda mode: lambda: baselines._sgd_steps(copy.deepcopy(model), x, y, spec, 0, steps,
                                                          mode, B, autocast=autocast)
     step = {k: t / steps for k, t in _median_seconds(
