@@ -41,26 +41,37 @@ def _meta(cfg, nc):
     return dict(num_classes=nc, **{k: cfg[k] for k in MADE_BY if k in cfg})
 
 
+def _cached(cfg, data, path, meta, train, made, loaded):
+    """The model saved at `path` if made with `meta`'s settings, else train() it and save it.
+    Returns (model, seconds it took to train)."""
+    spec, x, dev = data["spec"], data["train"][0], torch.device(cfg["device"])
+    ckpt = wfnet._reusable(path, meta)
+    if ckpt is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        model = train()
+        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
+        wfnet.save_checkpoint(path, **ckpt)
+        print(made)
+    else:
+        print(loaded)
+    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+
+
 def original(cfg, data):
     """The original model for cfg: <out>/original.pt if made with these settings, else trained
     (as wfnet.run trains it) and saved. Returns (model, seconds it took to train)."""
     spec, (x, y) = data["spec"], data["train"]
-    out, dev = Path(cfg["out"]), torch.device(cfg["device"])
-    out.mkdir(parents=True, exist_ok=True)
-    path, meta = out / "original.pt", _meta(cfg, spec["classes"])
-    ckpt = wfnet._reusable(path, meta)
-    if ckpt is None:
+    path, dev = Path(cfg["out"]) / "original.pt", torch.device(cfg["device"])
+
+    def train():
         torch.manual_seed(cfg["seed"])
-        model, t0 = wfnet.model_from_config(cfg, spec, x.shape[1:], dev), time.time()
-        wfnet.train_original(model, x, y, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
-                             cfg["weight_decay"], cfg["seed"], wfnet.autocast_for(dev), False,
-                             cfg["optimizer"], cfg["augment"])
-        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
-        wfnet.save_checkpoint(path, **ckpt)
-        print(f"trained the original model -> {path}")
-    else:
-        print(f"loaded the original model from {path}")
-    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+        model = wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
+        return wfnet.train_original(model, x, y, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
+                                    cfg["weight_decay"], cfg["seed"], wfnet.autocast_for(dev), False,
+                                    cfg["optimizer"], cfg["augment"])
+    return _cached(cfg, data, path, _meta(cfg, spec["classes"]), train,
+                   f"trained the original model -> {path}", f"loaded the original model from {path}")
 
 
 def untrain_defaults():
@@ -104,19 +115,11 @@ def retrained(cfg, data, c):
     Returns (model, seconds)."""
     spec, x = data["spec"], data["train"][0]
     dev, path = torch.device(cfg["device"]), Path(cfg["out"]) / f"retrain_{c}.pt"
-    meta = {**_meta(cfg, spec["classes"]), "forgotten_class": c}
-    ckpt = wfnet._reusable(path, meta)
-    if ckpt is None:
-        Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-        make = lambda: wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
-        t0 = time.time()
-        model = baselines.unlearn("retrain", None, data, c, cfg, make)
-        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
-        wfnet.save_checkpoint(path, **ckpt)
-        print(f"retrained without class {c} -> {path}")
-    else:
-        print(f"loaded the model retrained without class {c} from {path}")
-    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+    make = lambda: wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
+    return _cached(cfg, data, path, {**_meta(cfg, spec["classes"]), "forgotten_class": c},
+                   lambda: baselines.unlearn("retrain", None, data, c, cfg, make),
+                   f"retrained without class {c} -> {path}",
+                   f"loaded the model retrained without class {c} from {path}")
 
 
 def accuracy(net, x, y, spec):
