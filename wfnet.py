@@ -357,7 +357,8 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
     if y.min() < 0 or y.max() >= nc:                      # checked once here, not in every step
         raise ValueError(f"labels must lie in 0..{nc - 1}")
     by_class, count = y.argsort(), torch.bincount(y, minlength=nc)   # class k: by_class[start[k]:][:count[k]]
-    start, remembered = count.cumsum(0) - count, (count > 0).float()  # running forget accuracy
+    start, present = count.cumsum(0) - count, (count > 0).float()
+    remembered = present.clone()                          # running forget accuracy per class
     wf.train()
     bar = tqdm(range(steps), desc="untrain", disable=not progress, mininterval=2)
     for step in bar:
@@ -366,7 +367,7 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
         take = half if focus else batch_size
         idx, perm = perm[:take].to(dev), perm[take:]
         if focus:
-            k = torch.multinomial((remembered + focus) * (count > 0), half, True, generator=dgen)
+            k = torch.multinomial((remembered + focus) * present, half, True, generator=dgen)
             idx = torch.cat([by_class[start[k] + (torch.rand(half, device=dev, generator=dgen) * count[k]).long()], idx])
         xb, yb = transform(x[idx], spec, augment=True, gen=gen), y[idx]
         xf, yf, xr, yr = xb[:half], yb[:half], xb[half:], yb[half:]
@@ -387,9 +388,11 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
         with torch.no_grad():
             for a in wf.alpha:
                 a.clamp_(0, 1)                            # the projection back into [0, 1]
-            seen = torch.bincount(yf, minlength=nc)
-            hit = torch.bincount(yf, (logits[:half].argmax(-1) == yf).float(), minlength=nc)
-            remembered = torch.where(seen > 0, 0.9 * remembered + 0.1 * hit / seen.clamp_min(1), remembered)
+        if focus:                                         # only the focused draws read it
+            with torch.no_grad():
+                seen = torch.bincount(yf, minlength=nc)
+                hit = torch.bincount(yf, (logits[:half].argmax(-1) == yf).float(), minlength=nc)
+                remembered = torch.where(seen > 0, 0.9 * remembered + 0.1 * hit / seen.clamp_min(1), remembered)
         history.append(torch.stack([L_r, L_f, R]).detach())
         if progress and step % log_every == 0:            # channel granularity: the only host sync
             bar.set_postfix(dict(zip(("L_r", "L_f", "R"), history[-1].tolist())), refresh=False)
