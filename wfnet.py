@@ -8,21 +8,21 @@ metrics, explanations, checkpoints, command line. "CHOICE:" marks where the pape
 
     python wfnet.py                                   # quick Fashion-MNIST run on a 2-core CPU
     python wfnet.py --dataset cifar10 --device cuda   # the whole pipeline on a GPU
-    python wfnet.py --seeds 0 1 2                     # once per seed, then mean and std
+    torchrun --nproc_per_node 8 wfnet.py --dataset imagefolder --data-dir imagenet --arch resnet50 --pretrained
 """
 import argparse, contextlib, copy, gzip, itertools, json, math, os, platform, statistics, sys, time
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
 
 # -----------------------------------------------------------------------------
-# defaults: "quick" finishes on a 2-core CPU, "full" is the paper-scale GPU run; every value can
-# be overridden from the command line (--epochs 15, --lambda1 2, ...).
+# defaults: "quick" finishes on a 2-core CPU, "full" is the paper-scale GPU run; flags override them.
 
 COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128, untrain_batch_size=128,
               T=1, lambda0=3.0, lambda1=1.0, lambda2=1.0, focus=0.1, granularity="channel", combine="min",
@@ -34,16 +34,24 @@ PRESETS = {
 ARCHS = {  # per backbone: optimizer of the original model; width (and stem stride) as (quick, full)
     "resnet18": dict(optimizer="sgd", lr=0.1, weight_decay=5e-4, width=(16, 64), stem_stride=(2, 1)),
     "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, width=(64, 256)),
+    "torchvision": dict(optimizer="sgd", lr=0.1, weight_decay=1e-4),   # imagefolder: get_model(arch); ViTs: "vit"'s
 }
+MAX_CLASSES = 100  # beyond: --eval-classes defaults to a sample this large, the explanations to 20 classes
 EPS = 1e-2  # guard of the 1/CE forget term: 1 / (CE + EPS) stays finite, its gradient alive
 
 
-class WFError(Exception):
+class WFError(ValueError):
     """A user error: printed as one line by the command line, exit status 2."""
 
+def _rank():
+    """(rank, world size): (0, 1) unless launched by torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 # -----------------------------------------------------------------------------
-# data: torchvision reads each split once; it lives on the device as uint8 tensors, and
-# normalization and augmentation (random crop with padding, flip) run batched there.
+# data: the small datasets live on the device as uint8 tensors (torchvision reads each split once),
+# normalized and augmented (random crop with padding, flip) batched there. "imagefolder" is an
+# ImageNet-style tree too large for memory: torchvision's ImageFolder read by DataLoader workers,
+# with the standard ImageNet transforms. Either way batches come from lists of sample indices.
 
 DATASETS = {
     "mnist": dict(tv="MNIST", classes=10, mean=(0.1307,), std=(0.3081,), pad=2, flip=False,
@@ -55,19 +63,23 @@ DATASETS = {
                     pad=4, flip=True, names="airplane automobile bird cat deer dog frog horse ship truck".split()),
     "cifar100": dict(tv="CIFAR100", classes=100, mean=(0.5071, 0.4865, 0.4409),
                      std=(0.2673, 0.2564, 0.2762), pad=4, flip=True, names=[str(i) for i in range(100)]),
+    "imagefolder": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),   # <data-dir>/{train,val}/<class>/
 }
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 
-def load_dataset(name, data_dir="data", device="cpu"):
-    """Return dict(train=(x, y), test=(x, y), spec=...): x uint8 (N,C,H,W), y int64, on device."""
+def load_dataset(name, data_dir="data", device="cpu", image_size=224):
+    """Return dict(train=(x, y), test=(x, y), spec=...): y int64 labels on the device; x uint8 images
+    (N,C,H,W) on the device, or for "imagefolder" an ImageFolder (train/ and val/ of data_dir)."""
     import torchvision
-    spec, root = DATASETS[name], Path(data_dir)
+    spec, root = dict(DATASETS[name]), Path(data_dir)
+    if name == "imagefolder":
+        return _image_folder(root, spec, device, image_size)
     raw = root / spec["tv"] / "raw"
     if name == "fashion-mnist" and Path(DEBIAN_FASHION).is_dir():  # Debian's copy: unpack it once
         for gz in Path(DEBIAN_FASHION).glob("*-ubyte.gz"):
             if not (raw / gz.stem).exists():
                 raw.mkdir(parents=True, exist_ok=True)
-                _write(raw / gz.stem, lambda tmp: tmp.write_bytes(gzip.decompress(gz.read_bytes())))
+                _write(raw / gz.stem, lambda tmp: tmp.write_bytes(gzip.decompress(gz.read_bytes())), every_rank=True)
     out = dict(spec=spec)
     for split in ("train", "test"):
         make = partial(getattr(torchvision.datasets, spec["tv"]), str(root), train=split == "train")
@@ -85,6 +97,25 @@ def load_dataset(name, data_dir="data", device="cpu"):
         out[split] = (x.contiguous().to(device), torch.as_tensor(ds.targets).long().to(device))
     return out
 
+def _image_folder(root, spec, device, size):
+    from torchvision import datasets, transforms as T
+    norm = [T.ToTensor(), T.Normalize(spec["mean"], spec["std"])]
+    spec.update(device=torch.device(device), size=size,
+                train_tf=T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm]),
+                eval_tf=T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), *norm]))   # 256 -> 224
+    out = dict(spec=spec)
+    for split, folder in (("train", "train"), ("test", "val")):
+        try:
+            ds = datasets.ImageFolder(root / folder, spec["eval_tf"])
+        except (FileNotFoundError, OSError) as e:
+            raise WFError(f"{root / folder}: {str(e).splitlines()[0]} (--data-dir needs train/ and val/, "
+                          "one folder of images per class)") from None
+        out[split] = (ds, torch.tensor(ds.targets, device=device))
+    if out["train"][0].classes != out["test"][0].classes:
+        raise WFError(f"{root}/train and {root}/val have different class folders")
+    spec.update(classes=len(ds.classes), names=ds.classes)
+    return out
+
 def transform(x, spec, augment=False, gen=None):
     """uint8 (B,C,H,W) -> normalized float, channels_last; with augment: random crop and flip."""
     x = x.float().div_(255)
@@ -100,6 +131,25 @@ def transform(x, spec, augment=False, gen=None):
     std = torch.tensor(spec["std"], device=x.device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
+def batches(x, y, spec, index_batches, augment=False, gen=None, parts=0):
+    """(images, labels) on the device for each index tensor of `index_batches`. parts > 0: under
+    torchrun each process takes its share of each of the batch's `parts` equal parts."""
+    rank, world = _rank() if parts else (0, 1)
+    mine = lambda t: t.unflatten(0, (max(parts, 1), world, -1))[:, rank].flatten(0, 1)
+    if torch.is_tensor(x):                                # the whole batch, then the share: the same
+        for idx in index_batches:                         # augmentation as in a single process
+            yield mine(transform(x[idx.to(x.device)], spec, augment, gen)), mine(y[idx.to(y.device)])
+        return
+    if augment:
+        x = copy.copy(x)
+        x.transform = spec["train_tf"]
+    loader = torch.utils.data.DataLoader(x, batch_sampler=(mine(i).tolist() for i in index_batches),
+                                         num_workers=min(8, (os.cpu_count() or 2) // world),
+                                         pin_memory=spec["device"].type == "cuda")
+    for xb, yb in loader:
+        yield (xb.to(spec["device"], non_blocking=True).contiguous(memory_format=torch.channels_last),
+               yb.to(spec["device"], non_blocking=True))
+
 # -----------------------------------------------------------------------------
 # backbones: ResNet-18 with a 3x3 stem and no max-pool for 28/32 px (stride 1 is the CIFAR stem;
 # the quick preset's stride 2 costs 4x less), and a small Vision Transformer. Any classifier
@@ -108,13 +158,10 @@ def transform(x, spec, augment=False, gen=None):
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Sequential())
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -126,13 +173,10 @@ class ResNet18(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
-        blocks, cin = [], width
-        for i, stride in enumerate([1, 2, 2, 2]):
-            cout = width * 2 ** i
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, num_classes)
+        w = [width] + [width * 2 ** i for i in range(4)]  # 4 stages of 2 blocks, strides 1, 2, 2, 2
+        self.layers = nn.Sequential(*[b for i in range(4) for b in (BasicBlock(w[i], w[i + 1], 1 if i == 0 else 2),
+                                                                     BasicBlock(w[i + 1], w[i + 1], 1))])
+        self.fc = nn.Linear(8 * width, num_classes)
 
     def forward(self, x):
         x = self.layers(self.stem(x))                     # (B, 8w, H/8s, W/8s), s = stem stride
@@ -167,8 +211,7 @@ class ViT(nn.Module):
                                      nn.Linear(patch * patch * in_channels, width))   # (B, n, D)
         self.pos = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, width) * 0.02)
         self.blocks = nn.Sequential(*[Block(width, max(1, width // 32)) for _ in range(depth)])
-        self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, num_classes)
 
     def forward(self, x):
         x = self.blocks(self.patches(x) + self.pos)       # (B, n, D)
@@ -214,6 +257,13 @@ def _gated_attention(m, a_in, a_out, query, key, value, key_padding_mask=None, n
     return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
+def _free_memory(device):
+    """Bytes: free on a GPU, the machine's memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf
+
+
 class WFNet(nn.Module):
     """Wrap any classifier: freeze it and give every filtered weight a memory matrix.
 
@@ -243,9 +293,14 @@ class WFNet(nn.Module):
                 self.sites.append((m, [len(self.names)]))
                 self.names.append(prefix + "weight")
         self.weights = [model.get_parameter(n) for n in self.names]   # a plain list: not registered again
+        sizes = [w.shape[0] if granularity == "channel" else w.numel() for w in self.weights]
+        need, free = 16 * num_classes * sum(sizes), _free_memory(self.weights[0].device)
+        if need > free:                                   # alpha, its gradient, Adam's two moments: float32
+            raise WFError(f"the memory matrices ({num_classes} x {sum(sizes):,} {granularity}s) would need "
+                          f"{need / 2**30:.1f} GiB to untrain, {free / 2**30:.1f} GiB is there: use fewer classes"
+                          + (" or --granularity channel" if granularity == "weight" else ""))
         self.alpha = nn.ParameterList([nn.Parameter(torch.ones(      # alpha_l: (N_c, K_l)
-            num_classes, w.shape[0] if granularity == "channel" else w.numel(), device=w.device))
-            for w in self.weights])
+            num_classes, k, device=w.device)) for w, k in zip(self.weights, sizes)])
 
     def train(self, mode=True):
         super().train(mode)
@@ -344,55 +399,72 @@ def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, la
 
 def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.0, lambda1=1.0,
             lambda2=1.0, focus=0.1, seed=0, autocast=contextlib.nullcontext, progress=True, log_every=25):
-    """Train the memory matrices of `wf` for all classes in one round on uint8 images x. Returns
-    the history (L_r, L_f, R per step), the steps, and the steps skipped for a non-finite loss.
-    focus=0 draws the forget half uniformly, as the retain half."""
+    """Train the memory matrices of `wf` for all classes in one round on images x (see load_dataset)
+    with labels y. Returns the history (L_r, L_f, R per step), the steps, and the steps skipped for a
+    non-finite loss. focus=0 draws the forget half uniformly, as the retain half. Under torchrun each
+    process runs its share of every batch and the gradients of alpha are averaged."""
     from tqdm import tqdm
-    gen, dev = torch.Generator().manual_seed(seed), x.device
+    gen, dev, (rank, world) = torch.Generator().manual_seed(seed), y.device, _rank()
     dgen = torch.Generator(dev).manual_seed(seed)         # the forget draws stay on the device
-    n, half, nc = len(x), batch_size // 2, wf.num_classes
-    opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
-    history, skipped, perm = [], torch.zeros((), device=dev), torch.empty(0, dtype=torch.long)
+    n, half, nc = len(y), batch_size // 2, wf.num_classes
+    if half % world:
+        raise WFError(f"the untraining batch ({batch_size}) must split into {2 * world} equal parts")
     if y.min() < 0 or y.max() >= nc:                      # checked once here, not in every step
         raise ValueError(f"labels must lie in 0..{nc - 1}")
+    opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
+    history, skipped = [], torch.zeros((), device=dev)
     by_class, count = y.argsort(), torch.bincount(y, minlength=nc)   # class k: by_class[start[k]:][:count[k]]
     start, present = count.cumsum(0) - count, (count > 0).float()
     remembered = present.clone()                          # running forget accuracy per class
+
+    def draws():                                          # a batch: B/2 forget, then B/2 retain indices
+        perm = torch.empty(0, dtype=torch.long)
+        for _ in range(steps):
+            if len(perm) < batch_size:
+                perm = torch.randperm(n, generator=gen)
+            take = half if focus else batch_size
+            idx, perm = perm[:take].to(dev), perm[take:]
+            if focus:
+                k = torch.multinomial((remembered + focus) * present, half, True, generator=dgen)
+                pick = (torch.rand(half, device=dev, generator=dgen) * count[k]).long()
+                idx = torch.cat([by_class[start[k] + pick], idx])
+            yield idx
+
     wf.train()
-    bar = tqdm(range(steps), desc="untrain", disable=not progress, mininterval=2)
-    for step in bar:
-        if len(perm) < batch_size:
-            perm = torch.randperm(n, generator=gen)
-        take = half if focus else batch_size
-        idx, perm = perm[:take].to(dev), perm[take:]
-        if focus:
-            k = torch.multinomial((remembered + focus) * present, half, True, generator=dgen)
-            idx = torch.cat([by_class[start[k] + (torch.rand(half, device=dev, generator=dgen) * count[k]).long()], idx])
-        xb, yb = transform(x[idx], spec, augment=True, gen=gen), y[idx]
-        xf, yf, xr, yr = xb[:half], yb[:half], xb[half:], yb[half:]
-        shift = torch.randint(1, nc, (T, len(yr)), generator=gen).to(yr.device)
+    bar = tqdm(range(steps), desc="untrain", disable=not progress or rank > 0, mininterval=2)
+    for step, (xb, yb) in zip(bar, batches(x, y, spec, draws(), True, gen, parts=2)):
+        h = len(yb) // 2                                  # this process's share of each half
+        xf, yf, xr, yr = xb[:h], yb[:h], xb[h:], yb[h:]
+        shift = torch.randint(1, nc, (T, half), generator=gen)[:, rank * h:(rank + 1) * h].to(dev)
         rows = torch.cat([yf, ((yr + shift) % nc).flatten()])   # own label; (T, B/2) rows != label
         with autocast():
             logits = wf.filtered(torch.cat([xf, xr.repeat(T, 1, 1, 1)]), rows[:, None]).float()
-        loss, L_r, L_f, R = wfnet_loss(logits[:half], yf, logits[half:], yr.repeat(T), wf.alpha,
+        loss, L_r, L_f, R = wfnet_loss(logits[:h], yf, logits[h:], yr.repeat(T), wf.alpha,
                                        lambda0, lambda1, lambda2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # a non-finite loss never reaches alpha: the fused step is skipped on the device, moments and
         # step count untouched, with no host sync (torch.amp.GradScaler's contract); the schedule advances
         opt.found_inf = (~torch.isfinite(loss)).float()
-        skipped += opt.found_inf
+        if world > 1:                                     # the global batch's gradient, on every process
+            for t in [a.grad for a in wf.alpha] + [opt.found_inf]:
+                dist.all_reduce(t)
+            for a in wf.alpha:
+                a.grad /= world
+        skipped += opt.found_inf.clamp(max=1)
         opt.step()
         sched.step()
         with torch.no_grad():
             for a in wf.alpha:
                 a.clamp_(0, 1)                            # the projection back into [0, 1]
-        if focus:                                         # only the focused draws read it
-            with torch.no_grad():
-                seen = torch.bincount(yf, minlength=nc)
-                hit = torch.bincount(yf, (logits[:half].argmax(-1) == yf).float(), minlength=nc)
-                remembered = torch.where(seen > 0, 0.9 * remembered + 0.1 * hit / seen.clamp_min(1), remembered)
+            if focus:                                     # only the focused draws read it
+                seen = torch.stack([torch.bincount(yf, minlength=nc), torch.bincount(
+                    yf, (logits[:h].argmax(-1) == yf).float(), minlength=nc)])   # (2, N_c): drawn, recognized
+                if world > 1:
+                    dist.all_reduce(seen)
+                remembered = torch.where(seen[0] > 0, 0.9 * remembered + 0.1 * seen[1] / seen[0].clamp_min(1),
+                                         remembered)
         history.append(torch.stack([L_r, L_f, R]).detach())
         if progress and step % log_every == 0:            # channel granularity: the only host sync
             bar.set_postfix(dict(zip(("L_r", "L_f", "R"), history[-1].tolist())), refresh=False)
@@ -406,8 +478,10 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
 def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
                    autocast=contextlib.nullcontext, progress=True, optimizer="sgd", augment=True):
     from tqdm import tqdm
-    gen = torch.Generator().manual_seed(seed)
-    steps = epochs * (len(x) // batch_size)
+    gen, (rank, world), n = torch.Generator().manual_seed(seed), _rank(), len(y)
+    steps = epochs * (n // batch_size)
+    if steps < 1 or batch_size % world:
+        raise WFError(f"a batch of {batch_size} must fit the {n} training images and split over {world} processes")
     groups = [dict(params=[p for p in model.parameters() if p.dim() > 1], weight_decay=weight_decay),
               dict(params=[p for p in model.parameters() if p.dim() <= 1], weight_decay=0)]
     if optimizer == "adamw":
@@ -416,14 +490,14 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     warm = max(1, int(0.2 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / (steps - warm)))
-    model.train()
-    for _ in tqdm(range(epochs), desc="train", disable=not progress):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(len(x) // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size].to(x.device)
+        opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model   # averages the gradients
+    net.train()
+    for _ in tqdm(range(epochs), desc="train", disable=not progress or rank > 0):
+        perm = torch.randperm(n, generator=gen)[:n // batch_size * batch_size].view(-1, batch_size)
+        for xb, yb in batches(x, y, spec, perm, augment, gen, parts=1):
             with autocast():
-                loss = F.cross_entropy(model(transform(x[idx], spec, augment, gen)).float(), y[idx])
+                loss = F.cross_entropy(net(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -440,11 +514,11 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
 
 @torch.no_grad()
 def predict(net, x, spec, batch_size=1000, autocast=contextlib.nullcontext):
-    """Softmax probabilities (N, N_c) of net on uint8 images x."""
+    """Softmax probabilities (N, N_c) of net on the images x (see load_dataset)."""
     out = []
-    for i in range(0, len(x), batch_size):
+    for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long), spec, torch.arange(len(x)).split(batch_size)):
         with autocast():
-            out.append(net(transform(x[i:i + batch_size], spec)).float().softmax(-1))
+            out.append(net(xb).float().softmax(-1))
     return torch.cat(out)
 
 def js_divergence(p, q):
@@ -472,36 +546,50 @@ def evaluate(original, forgotten, data, classes=None, random_model=None, eval_tr
              batch_size=1000, autocast=contextlib.nullcontext):
     """Every metric for every class c in `classes` (default all): `original` is the model before
     unlearning, `forgotten(c)` the model that forgot c (for WF-Net, partial(wf, forget=c): every
-    class from one checkpoint). A JSON-ready dict."""
-    spec = data["spec"]
+    class from one checkpoint). Under torchrun the classes are shared out. A JSON-ready dict."""
+    spec, (rank, world) = data["spec"], _rank()
     nc, (x_te, y_te), (x_tr, y_tr) = spec["classes"], data["test"], data["train"]
-    if eval_train and eval_train < len(x_tr):             # a fixed random subset keeps CPU runs short
-        keep = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(seed))[:eval_train]
-        x_tr, y_tr = x_tr[keep.to(x_tr.device)], y_tr[keep.to(x_tr.device)]
+    if eval_train and eval_train < len(y_tr):             # a fixed random subset keeps CPU runs short
+        keep = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))[:eval_train]
+        x_tr, y_tr = _subset(x_tr, keep), y_tr[keep.to(y_tr.device)]
     run = partial(predict, spec=spec, batch_size=batch_size, autocast=autocast)
     orig_te, orig_tr = run(original, x_te), run(original, x_tr)
     ok_orig_te, ok_orig_tr = orig_te.argmax(-1) == y_te, orig_tr.argmax(-1) == y_tr
     rand_te = run(random_model, x_te) if random_model is not None else None
-    matrix, rows = torch.full((nc, nc), float("nan")), []
-    for c in range(nc) if classes is None else classes:
+    rows, classes = [], list(range(nc)) if classes is None else list(classes)
+    for c in classes[rank::world]:
         p_te, p_tr = run(forgotten(c), x_te), run(forgotten(c), x_tr)
         ok_te, ok_tr, f_te, f_tr = p_te.argmax(-1) == y_te, p_tr.argmax(-1) == y_tr, y_te == c, y_tr == c
-        matrix[c] = torch.stack([ok_te[y_te == k].float().mean() for k in range(nc)]).cpu()
         conf_tr, conf_te = (p.gather(1, t[:, None]).squeeze(1).cpu() for p, t in ((p_tr, y_tr), (p_te, y_te)))
         row = dict(cls=c, acc_f_test=_acc(ok_te[f_te]), acc_r_test=_acc(ok_te[~f_te]),
                    orig_acc_r_test=_acc(ok_orig_te[~f_te]), acc_f_train=_acc(ok_tr[f_tr]),
                    acc_r_train=_acc(ok_tr[~f_tr]), orig_acc_r_train=_acc(ok_orig_tr[~f_tr]),
-                   mia_efficacy=mia_efficacy(conf_tr[~f_tr.cpu()], conf_te[~f_te.cpu()], conf_tr[f_tr.cpu()], seed))
+                   mia_efficacy=mia_efficacy(conf_tr[~f_tr.cpu()], conf_te[~f_te.cpu()], conf_tr[f_tr.cpu()], seed),
+                   per_class_test=_per_class(ok_te, y_te, nc))
         if rand_te is not None:
             row["zrf"] = zrf_score(p_te[f_te], rand_te[f_te])
         rows.append(row)
+    if world > 1:                                         # every process gets every class's row
+        shares = [None] * world
+        dist.all_gather_object(shares, rows)
+        rows = sorted(sum(shares, []), key=lambda r: classes.index(r["cls"]))
+    matrix = torch.full((nc, nc), float("nan"))
+    for r in rows:
+        matrix[r["cls"]] = torch.tensor(r.pop("per_class_test"))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "cls"}
     for split in ("test", "train"):
         mean[f"acc_r_drop_{split}"] = mean[f"orig_acc_r_{split}"] - mean[f"acc_r_{split}"]
     return dict(original=dict(test_acc=_acc(ok_orig_te), train_acc=_acc(ok_orig_tr),
-                              per_class_test_acc=[_acc(ok_orig_te[y_te == k]) for k in range(nc)],
+                              per_class_test_acc=_per_class(ok_orig_te, y_te, nc),
                               confusion_test=_confusion(y_te, orig_te.argmax(-1), nc).tolist()),
-                per_class=rows, mean=mean, matrix_test=(100 * matrix).tolist(), eval_train_samples=len(x_tr))
+                per_class=rows, mean=mean, matrix_test=matrix.tolist(), eval_train_samples=len(y_tr))
+
+def _subset(x, idx):
+    return x[idx.to(x.device)] if torch.is_tensor(x) else torch.utils.data.Subset(x, idx.tolist())
+
+def _per_class(ok, y, nc):
+    """Accuracy (%) on each true class: (N_c,) as a list, nan for a class without samples."""
+    return (100 * torch.bincount(y, ok.float(), nc) / torch.bincount(y, minlength=nc)).tolist()
 
 def _acc(ok):
     return 100.0 * ok.float().mean().item() if len(ok) else float("nan")
@@ -572,19 +660,21 @@ def explain_subset(x, y, per_class, seed):
         return x, y
     g = torch.Generator().manual_seed(seed)
     keep = [(y == k).nonzero().squeeze(1).cpu() for k in y.unique().tolist()]
-    keep = torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in keep]).to(y.device)
-    return x[keep], y[keep]
+    keep = torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in keep])
+    return _subset(x, keep), y[keep.to(y.device)]
 
-def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0,
+def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0, classes=None,
             batch_size=1000, autocast=contextlib.nullcontext):
-    """Every explanation of a trained WFNet, on `per_class` test samples of every class (0 = all).
-    `confusion`: the original model's (evaluate()["original"]["confusion_test"]); None computes it."""
+    """Every explanation of a trained WFNet, on `per_class` test samples of every class (0 = all),
+    the deletion/insertion curves for `classes` (default all). `confusion`: the original model's
+    (evaluate()["original"]["confusion_test"]); None computes it."""
     (x, y), spec, nc = data["test"], data["spec"], wf.num_classes
     if confusion is None:
         confusion = _confusion(y, predict(wf, x, spec, batch_size, autocast).argmax(-1), nc)
     x, y = explain_subset(x, y, per_class, seed)
-    curves = [deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
-                                 autocast=autocast) for c in range(nc)]
+    classes = range(nc) if classes is None else classes
+    curves = [dict(cls=c, **deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
+                                               autocast=autocast)) for c in classes]
     alpha = [dict(layer=n, mean_alpha=a.mean().item(), frac_off=(a < 0.5).float().mean(1).tolist())
              for n, a in zip(wf.names, wf.alpha)]         # per weight: fraction off (< 0.5) per class
     return dict(samples=len(y), alpha=alpha, **class_similarity(wf, confusion), curves=curves,
@@ -628,14 +718,14 @@ def _savefig(fig, path):
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
-# checkpoints and results: written to a temporary file, then renamed, so that nothing is left
-# half-written. A checkpoint is {"meta": the settings that made it, "state_dict": tensors},
-# loaded with weights_only=True.
+# checkpoints and results: written to a temporary file, then renamed (nothing is left half-written);
+# a checkpoint is {"meta": the settings that made it, "state_dict": tensors}, read weights-only.
 
-def _write(path, write):
-    tmp = Path(f"{path}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _write(path, write, every_rank=False):
+    if every_rank or _rank()[0] == 0:                     # under torchrun, process 0 writes the results
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
+        write(tmp)
+        os.replace(tmp, path)
 
 def _write_json(path, obj):
     _write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
@@ -656,36 +746,47 @@ def load_checkpoint(path):
                       "delete it or choose another --out")
     return ckpt
 
-def _same_task(path, meta, want):
-    """A checkpoint made for another dataset, arch or class count is an error, not a retrain."""
-    for k in ("dataset", "arch", "num_classes"):
-        if meta.get(k) != want[k]:
-            raise WFError(f"{path} was made for {k}={meta.get(k)!r}, this run has {want[k]!r}; use another --out")
-
 def _reusable(path, meta):
-    """The checkpoint at `path` if every setting that made it equals `meta`'s; else None."""
+    """The checkpoint at `path` if every setting that made it equals `meta`'s; else None. One made
+    for another dataset, arch or class count is an error, not a retrain."""
     if not path.exists():
         return None
     ckpt = load_checkpoint(path)
-    _same_task(path, ckpt["meta"], meta)
+    for k in ("dataset", "arch", "num_classes"):
+        if ckpt["meta"].get(k) != meta[k]:
+            raise WFError(f"{path} was made for {k}={ckpt['meta'].get(k)!r}, this run has {meta[k]!r}; use another --out")
     if any(ckpt["meta"].get(k) != v for k, v in meta.items()):
         print(f"{path} was made with other settings; making a new one")
         return None
     return ckpt
 
-def model_from_config(cfg, spec, shape, device):
-    """A fresh backbone for these settings, channels_last on `device`; shape is (C, H, W)."""
-    model = (ResNet18(spec["classes"], shape[0], cfg["width"], cfg.get("stem_stride", 1))
-             if cfg["arch"] == "resnet18" else ViT(spec["classes"], shape[0], shape[1], cfg["width"]))
+def model_from_config(cfg, spec, shape, device, pretrained=False):
+    """A fresh backbone for these settings, channels_last on `device`; shape is (C, H, W). On an image
+    folder: torchvision's get_model(arch), with its ImageNet weights if `pretrained`."""
+    if cfg["dataset"] != "imagefolder":
+        model = (ResNet18(spec["classes"], shape[0], cfg["width"], cfg.get("stem_stride", 1))
+                 if cfg["arch"] == "resnet18" else ViT(spec["classes"], shape[0], shape[1], cfg["width"]))
+        return model.to(device, memory_format=torch.channels_last)
+    import torchvision
+    weights = torchvision.models.get_model_weights(cfg["arch"]).DEFAULT if pretrained else None
+    if weights and len(weights.meta["categories"]) != spec["classes"]:
+        raise WFError(f"--pretrained: {cfg['arch']}'s weights know {len(weights.meta['categories'])} classes, "
+                      f"the image folder has {spec['classes']}")
+    size = dict(image_size=shape[1]) if cfg["arch"].startswith("vit") and not weights else {}
+    try:
+        model = torchvision.models.get_model(cfg["arch"], weights=weights, num_classes=spec["classes"], **size)
+    except (OSError, RuntimeError) as e:                  # no internet (urllib's URLError is an OSError)
+        raise WFError(f"could not fetch {weights.url} ({type(e).__name__}); put that file in "
+                      f"{torch.hub.get_dir()}/checkpoints/") from None
     return model.to(device, memory_format=torch.channels_last)
 
 def load_model(cfg, spec, shape, device, ckpt, path):
     """The backbone for cfg's settings holding the weights of `ckpt` (read from `path`), frozen."""
-    _same_task(path, ckpt["meta"], dict(dataset=cfg["dataset"], arch=cfg["arch"], num_classes=spec["classes"]))
-    for k in ("width", "stem_stride"):                    # same shapes, another network: say so
-        if k in ckpt["meta"] and ckpt["meta"][k] != cfg.get(k):
-            raise WFError(f"{path} was trained with {k}={ckpt['meta'][k]}; pass --{k.replace('_', '-')} "
-                          f"{ckpt['meta'][k]}")
+    for k, want in (("dataset", cfg["dataset"]), ("arch", cfg["arch"]), ("num_classes", spec["classes"]),
+                    ("width", cfg.get("width")), ("stem_stride", cfg.get("stem_stride"))):
+        if ckpt["meta"].get(k, want) != want:             # same shapes can be another network: say so
+            raise WFError(f"{path} was made with {k}={ckpt['meta'][k]!r}, this run has {want!r}"
+                          + (f": pass --{k.replace('_', '-')} {ckpt['meta'][k]}" if k in ("width", "stem_stride") else ""))
     model = model_from_config(cfg, spec, shape, device)
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -694,8 +795,8 @@ def load_model(cfg, spec, shape, device, ckpt, path):
     return model.eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
-# command line: train (or reuse) the original model, untrain all classes in one round, evaluate
-# and explain every class, write results.json and plots.
+# command line: train the original model (or load --checkpoint, or torchvision's pretrained one),
+# untrain all classes in one round, evaluate and explain every class, write results.json and plots.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                             # one line and exit status 2, in main()
@@ -711,36 +812,38 @@ def _at_least(low, kind=int, strict=False):
 
 def parse_args(argv=None):
     p = _Parser(description="WF-Net: multi-class unlearning by weight filtering")
-    add, positive = p.add_argument, _at_least(0, float, strict=True)
+    add, positive, count = p.add_argument, _at_least(0, float, strict=True), _at_least(1)
     add("--preset", default="auto", choices=["auto", *PRESETS], help="auto: quick on CPU, full on CUDA")
     add("--dataset", choices=DATASETS)
-    add("--arch", choices=ARCHS)
-    add("--width", type=_at_least(1), help="ResNet base width (64 = ResNet-18) or ViT dim")
+    add("--arch", help="resnet18 | vit; on an image folder, a torchvision model: resnet18, resnet50, vit_b_16, ...")
+    add("--pretrained", action="store_true", help="image folder: torchvision's ImageNet weights as the original")
+    add("--image-size", type=_at_least(16), help="image folder: the training crop (224)")
+    add("--width", type=count, help="ResNet base width (64 = ResNet-18) or ViT dim")
     add("--stem-stride", type=int, choices=[1, 2], help="ResNet stem: 1 (CIFAR stem) or 2")
-    add("--epochs", type=_at_least(1), help="epochs of the original model")
-    add("--batch-size", type=_at_least(2))
+    add("--epochs", type=count, help="epochs of the original model")
     add("--lr", type=positive, help="peak learning rate of the original model")
-    add("--augment", action=argparse.BooleanOptionalAction, help="crop/flip for the original model")
     add("--weight-decay", type=_at_least(0, float))
-    add("--untrain-steps", type=_at_least(1), help="optimizer steps of the untraining")
-    add("--untrain-batch-size", type=_at_least(2), help="B: half forget, half retain")
+    add("--augment", action=argparse.BooleanOptionalAction, help="crop/flip for the original model")
+    add("--untrain-steps", type=count, help="optimizer steps of the untraining")
     add("--untrain-lr", type=positive, help="Adam learning rate of alpha")
-    add("-T", "--T", type=_at_least(1), dest="T", help="retain label expansion")
+    for flag in ("--batch-size", "--untrain-batch-size"):   # untraining: B, half forget and half retain
+        add(flag, type=_at_least(2))
+    add("-T", "--T", type=count, dest="T", help="retain label expansion")
     add("--focus", type=_at_least(0, float), help="forget draws by class: remembered + focus (0 = uniform)")
-    for i in range(3):
-        add(f"--lambda{i}", type=_at_least(0, float))
+    for flag in ("--lambda0", "--lambda1", "--lambda2", "--eval-train"):   # eval-train: 0 = all
+        add(flag, type=_at_least(0, float if "lambda" in flag else int))
     add("--granularity", choices=["channel", "weight"])
     add("--combine", choices=["min", "product"], help="how the rows of a set of classes combine")
+    add("--eval-classes", type=int, nargs="+", help=f"default all; {MAX_CLASSES} at random beyond {MAX_CLASSES}")
     add("--explain-samples", type=_at_least(0), help="test samples per class to explain (0 = all)")
     add("--seed", type=int)
-    add("--eval-train", type=_at_least(0), help="train samples for the train metrics (0 = all)")
+    add("--seeds", type=int, nargs="+", help="run once per seed, in <out>/seed<k>; mean and std")
     add("--data-dir")
     add("--out", help="output folder (default runs/<dataset>-<arch>)")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     add("--compile", action="store_true", default=None, help="torch.compile the original's training")
     add("--checkpoint", help="an original-model checkpoint to start from")
     add("--forget", type=int, nargs="+", help="also export the model with these classes forgotten")
-    add("--seeds", type=int, nargs="+", help="run once per seed, in <out>/seed<k>; mean and std")
     add("--no-progress", action="store_true")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -748,16 +851,27 @@ def parse_args(argv=None):
         raise WFError(f"unknown device {device!r}; choose auto, cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
         raise WFError("--device cuda was asked for, but no CUDA device is available here")
+    if "LOCAL_RANK" in os.environ and device != "cpu":    # torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     preset = args.preset if args.preset != "auto" else ("quick" if device == "cpu" else "full")
-    arch = args.arch or COMMON["arch"]
-    cfg = {**COMMON, **PRESETS[preset], **ARCHS[arch]}
-    cfg.update({k: v[preset == "full"] for k, v in ARCHS[arch].items() if isinstance(v, tuple)})
+    dataset, arch = args.dataset or COMMON["dataset"], args.arch or COMMON["arch"]
+    if dataset == "imagefolder":
+        import torchvision
+        if arch not in torchvision.models.list_models(torchvision.models):
+            raise WFError(f"--arch {arch}: not one of torchvision's classification models (resnet50, vit_b_16, ...)")
+        arch_cfg = dict(ARCHS["torchvision"], **{k: v for k, v in ARCHS["vit"].items() if k != "width"}
+                        if arch.startswith("vit") else {}, image_size=224, pretrained=False, eval_train=10000)
+    elif arch not in ("resnet18", "vit"):
+        raise WFError(f"--arch {arch}: resnet18 or vit (torchvision's models: --dataset imagefolder)")
+    elif args.pretrained or args.image_size:
+        raise WFError("--pretrained and --image-size are for torchvision's models: --dataset imagefolder")
+    else:
+        arch_cfg = ARCHS[arch]
+    cfg = {**COMMON, **PRESETS[preset], **arch_cfg}
+    cfg.update({k: v[preset == "full"] for k, v in arch_cfg.items() if isinstance(v, tuple)})
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k in cfg})
     cfg.update(preset=preset, device=device, checkpoint=args.checkpoint, forget=args.forget,
-               progress=not args.no_progress, seeds=args.seeds)
-    nc = DATASETS[cfg["dataset"]]["classes"]
-    if any(not 0 <= c < nc for c in args.forget or []):
-        raise WFError(f"--forget {' '.join(map(str, args.forget))} is out of range 0..{nc - 1}")
+               progress=not args.no_progress, seeds=args.seeds, eval_classes=args.eval_classes)
     if args.seeds and (len(set(args.seeds)) < len(args.seeds) or args.seed is not None or args.checkpoint):
         raise WFError("--seeds takes distinct seeds and trains one original model each: no --seed or --checkpoint")
     cfg["out"] = cfg["out"] or f"runs/{cfg['dataset']}-{cfg['arch']}"
@@ -771,64 +885,75 @@ def _machine(device):
     return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, device=str(device),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
+MADE_BY = ("dataset", "arch", "width", "stem_stride", "epochs", "batch_size", "augment", "optimizer", "lr",
+           "weight_decay", "seed", "image_size", "pretrained")   # the settings an original model records
+UNTRAIN = dict(untrain_steps="steps", untrain_batch_size="batch_size", T="T", untrain_lr="lr", lambda0="lambda0",
+               lambda1="lambda1", lambda2="lambda2", focus="focus")   # setting -> untrain()'s keyword
+
 def run(cfg):
     torch.manual_seed(cfg["seed"])
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
-    autocast, data = autocast_for(dev), load_dataset(cfg["dataset"], cfg["data_dir"], dev)
+    autocast = autocast_for(dev)
+    data = load_dataset(cfg["dataset"], cfg["data_dir"], dev, cfg.get("image_size", 224))
     spec, (x_tr, y_tr) = data["spec"], data["train"]
-    nc, shape = spec["classes"], x_tr.shape[1:]           # (C, H, W)
+    nc, shape = spec["classes"], x_tr.shape[1:] if torch.is_tensor(x_tr) else (3, spec["size"], spec["size"])
+    for flag in ("forget", "eval_classes"):
+        if any(not 0 <= c < nc for c in cfg[flag] or []):
+            raise WFError(f"--{flag.replace('_', '-')} {' '.join(map(str, cfg[flag]))} is out of range 0..{nc - 1}")
     out.mkdir(parents=True, exist_ok=True)
-    made_by = ("dataset", "arch", "width", "stem_stride", "epochs", "batch_size", "augment", "optimizer", "lr",
-               "weight_decay", "seed")
 
-    # 1. the original model: --checkpoint, or <out>/original.pt made with these settings, or train it
-    path = Path(cfg["checkpoint"] or out / "original.pt")
-    meta = dict(num_classes=nc, **{k: cfg[k] for k in made_by if k in cfg})
-    ckpt = load_checkpoint(path) if cfg["checkpoint"] else _reusable(path, meta)
+    # 1. the original model: --checkpoint, torchvision's pretrained weights, <out>/original.pt made with
+    # these settings, or trained here
+    path, t0 = Path(cfg["checkpoint"] or out / "original.pt"), time.time()
+    meta = dict(num_classes=nc, **{k: cfg[k] for k in MADE_BY if k in cfg})
+    ckpt = load_checkpoint(path) if cfg["checkpoint"] else None if cfg.get("pretrained") else _reusable(path, meta)
     if ckpt is not None:
-        model = load_model(cfg, spec, shape, dev, ckpt, path)
+        model, meta = load_model(cfg, spec, shape, dev, ckpt, path), ckpt["meta"]
         print(f"reusing the original model from {path}")
+    elif cfg.get("pretrained"):
+        model = model_from_config(cfg, spec, shape, dev, pretrained=True).eval().requires_grad_(False)
+        print(f"the original model: torchvision's {cfg['arch']} with its ImageNet weights")
     else:
-        model, t0 = model_from_config(cfg, spec, shape, dev), time.time()
+        model = model_from_config(cfg, spec, shape, dev)
         train_original(torch.compile(model) if cfg["compile"] else model, x_tr, y_tr, spec, cfg["epochs"],
                        cfg["batch_size"], cfg["lr"], cfg["weight_decay"], cfg["seed"], autocast,
                        cfg["progress"], cfg["optimizer"], cfg["augment"])
-        ckpt = dict(meta={**meta, "train_seconds": time.time() - t0}, state_dict=model.eval().state_dict())
-        save_checkpoint(path, **ckpt)
-        print(f"trained the original model in {ckpt['meta']['train_seconds']:.0f} s -> {path}")
-    meta = {k: v for k, v in ckpt["meta"].items() if k != "train_seconds"}   # what made the model in use
+        meta = {**meta, "train_seconds": time.time() - t0}
+        save_checkpoint(path, meta, model.eval().requires_grad_(False).state_dict())
+        print(f"trained the original model in {meta['train_seconds']:.0f} s -> {path}")
+    t_pre, meta = meta.get("train_seconds", 0.0), {k: v for k, v in meta.items() if k != "train_seconds"}
 
     # 2. untraining: one round, all classes
     wf = WFNet(model, nc, cfg["granularity"], cfg["combine"])
-    wf_meta = {**meta, "eps": EPS, "untrain_seed": cfg["seed"], **{k: cfg[k] for k in (
-        "granularity", "untrain_steps", "T", "untrain_batch_size", "untrain_lr", "lambda0", "lambda1", "lambda2",
-        "focus")}}
+    wf_meta = {**meta, "eps": EPS, "untrain_seed": cfg["seed"], **{k: cfg[k] for k in ("granularity", *UNTRAIN)}}
     wf_ckpt = None if cfg["checkpoint"] else _reusable(out / "wfnet.pt", wf_meta)
     if wf_ckpt is not None:
         wf.alpha.load_state_dict(wf_ckpt["state_dict"])
         print(f"reusing the memory matrices from {out / 'wfnet.pt'}")
     else:
         t0 = time.time()
-        info = untrain(wf, x_tr, y_tr, spec, cfg["untrain_steps"], cfg["untrain_batch_size"], cfg["T"],
-                       cfg["untrain_lr"], cfg["lambda0"], cfg["lambda1"], cfg["lambda2"], cfg["focus"],
-                       cfg["seed"], autocast, cfg["progress"])
+        info = untrain(wf, x_tr, y_tr, spec, **{v: cfg[k] for k, v in UNTRAIN.items()}, seed=cfg["seed"],
+                       autocast=autocast, progress=cfg["progress"])
         wf_ckpt = dict(meta={**wf_meta, "untrain_seconds": time.time() - t0}, state_dict=wf.alpha.state_dict())
         save_checkpoint(out / "wfnet.pt", **wf_ckpt)
         print(f"untrained all {nc} classes in {wf_ckpt['meta']['untrain_seconds']:.0f} s -> {out / 'wfnet.pt'}"
               + (f" ({info['skipped_steps']} steps skipped: a non-finite loss)" if info["skipped_steps"] else ""))
+    t_un = wf_ckpt["meta"]["untrain_seconds"]
 
-    # 3. every class evaluated from the one checkpoint, then explained
+    # 3. the classes evaluated from the one checkpoint (a sample of them when there are many), explained
+    classes = cfg["eval_classes"] or list(range(nc))
+    if len(classes) > MAX_CLASSES:
+        classes = sorted(torch.randperm(nc, generator=torch.Generator().manual_seed(cfg["seed"]))[:MAX_CLASSES].tolist())
     t0 = time.time()
     torch.manual_seed(cfg["seed"] + 1)                    # T_d for ZRF: same arch, random init
-    res = evaluate(model, lambda c: partial(wf, forget=c), data, None,
+    res = evaluate(model, lambda c: partial(wf, forget=c), data, classes,
                    model_from_config(cfg, spec, shape, dev).eval(), cfg["eval_train"], cfg["seed"], autocast=autocast)
     t_ev, t0 = time.time() - t0, time.time()
-    res["explain"] = explain(wf, data, res["original"]["confusion_test"], cfg["explain_samples"],
-                             seed=cfg["seed"], autocast=autocast)
+    res["explain"] = explain(wf, data, res["original"]["confusion_test"], cfg["explain_samples"] if nc <= MAX_CLASSES
+                             else 2, seed=cfg["seed"], classes=classes[:20 if nc > MAX_CLASSES else None], autocast=autocast)
     res.update(config={k: v for k, v in cfg.items() if k != "progress"}, original_made_by=meta, class_names=spec["names"],
-               times_s=dict(pretrain=ckpt["meta"].get("train_seconds", float("nan")), untrain=wf_ckpt["meta"][
-                   "untrain_seconds"], evaluate=t_ev, explain=time.time() - t0),
-               machine=_machine(dev))
+               times_s=dict(pretrain=t_pre, untrain=t_un, evaluate=t_ev,
+                            explain=time.time() - t0), machine=_machine(dev))
     _write_json(out / "results.json", res)
     save_plots(wf, res, out, spec["names"])
     if cfg["forget"]:
@@ -843,17 +968,18 @@ def run(cfg):
     return res
 
 def _print_table(res, names):
-    m, ex, nc = res["mean"], res["explain"], len(res["per_class"])
+    m, ex = res["mean"], res["explain"]
     cols = [c for c in ("acc_f_test", "acc_r_test", "orig_acc_r_test", "acc_f_train", "acc_r_train", "zrf",
                         "mia_efficacy") if c in m]
-    print(f"original model: test {res['original']['test_acc']:.2f}%, train {res['original']['train_acc']:.2f}%\n"
+    print(f"original model: test {res['original']['test_acc']:.2f}%, train {res['original']['train_acc']:.2f}%; "
+          f"{len(res['per_class'])} of {len(names)} classes evaluated, {len(ex['curves'])} explained\n"
           f"{'forgotten class':>15} " + " ".join(f"{c:>15}" for c in cols))
     for name, r in [(names[r["cls"]], r) for r in res["per_class"]] + [("mean", m)]:
         print(f"{name[:15]:>15} " + " ".join(f"{r[c]:>15.3f}" for c in cols))
     print(f"mean Acc_r drop vs the original on the same samples: {m['acc_r_drop_test']:.2f} points (acc in %; "
           f"lower Acc_f and higher MIA-efficacy are better)\ndeletion in alpha order drops class c faster than a "
-          f"random order for {ex['deletion_alpha_beats_random']}/{nc} classes; alpha-row similarity vs confusion: "
-          f"Pearson {ex['pearson']:.2f}, Spearman {ex['spearman']:.2f}")
+          f"random order for {ex['deletion_alpha_beats_random']}/{len(ex['curves'])} classes; alpha-row similarity "
+          f"vs confusion: Pearson {ex['pearson']:.2f}, Spearman {ex['spearman']:.2f}")
 
 def run_seeds(cfg):
     """run(cfg) once per seed, in <out>/seed<k>; the mean and sample std of every mean figure."""
@@ -865,14 +991,19 @@ def run_seeds(cfg):
                for k, v in values.items()}
     print(f"over seeds {cfg['seeds']}: mean +- sample std (the value of each seed)")
     for k, f in summary.items():
-        std = "n/a" if f["std"] is None else f"{f['std']:.3f}"
-        print(f"{k:>28} {f['mean']:9.3f} +- {std:>6}  (" + ", ".join(f"{v:.3f}" for v in f["values"]) + ")")
+        print(f"{k:>28} {f['mean']:9.3f} +- {f['std'] or float('nan'):6.3f}  ({', '.join(f'{v:.3f}' for v in f['values'])})")
     _write_json(Path(cfg["out"]) / "seeds_results.json", dict(seeds=cfg["seeds"], std="sample (n - 1)", figures=summary))
     return summary
 
 def main(argv=None):
     try:
         cfg = parse_args(argv)
+        if "RANK" in os.environ and not dist.is_initialized():   # launched by torchrun: join its processes
+            dist.init_process_group("nccl" if cfg["device"] != "cpu" else "gloo")
+            if cfg["device"] != "cpu":
+                torch.cuda.set_device(cfg["device"])
+            if dist.get_rank() > 0:                       # process 0 prints; the others only compute
+                sys.stdout, cfg["progress"] = open(os.devnull, "w"), False
         return run_seeds(cfg) if cfg["seeds"] else run(cfg)
     except WFError as e:
         print(f"error: {e}", file=sys.stderr)

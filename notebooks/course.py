@@ -20,12 +20,8 @@ import wfnet  # noqa: E402
 import baselines  # noqa: E402
 
 CACHE = ROOT / "runs" / "course"
-# the settings that make an original model: the same list as wfnet.run's
-MADE_BY = ("dataset", "arch", "width", "stem_stride", "epochs", "batch_size", "augment", "optimizer", "lr",
-           "weight_decay", "seed")
-# the command line's untraining settings -> untrain()'s keywords
-RECIPE = dict(untrain_steps="steps", untrain_batch_size="batch_size", T="T", untrain_lr="lr",
-              lambda0="lambda0", lambda1="lambda1", lambda2="lambda2")
+# the settings that make an original model, and the command line's untraining settings -> untrain()'s keywords
+MADE_BY, RECIPE = wfnet.MADE_BY, wfnet.UNTRAIN
 
 
 def setup(full=False, *flags):
@@ -90,10 +86,9 @@ def untrained(cfg, data, model, name="wfnet.pt", **changes):
     spec, (x, y) = data["spec"], data["train"]
     nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
-    same_name = {k: cfg[k] for k in untrain_defaults() if k in cfg and k not in RECIPE.values()}  # focus, ...
-    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}, **same_name}
+    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}}
     meta = {**_meta(cfg, nc), "eps": wfnet.EPS, "untrain_seed": cfg["seed"], "granularity": cfg["granularity"],
-            **{k: cfg[k] for k in RECIPE}, **same_name, "recipe": recipe}   # wfnet.run's settings, and untrain()'s
+            **{k: cfg[k] for k in RECIPE}, "recipe": recipe}   # wfnet.run's settings, and untrain()'s
     ckpt = wfnet._reusable(path, meta)
     if ckpt is not None and "history" in ckpt["meta"]:
         wf.alpha.load_state_dict(ckpt["state_dict"])

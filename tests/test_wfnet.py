@@ -479,7 +479,7 @@ def cli(args, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "imagenet"], "argument --dataset: invalid choice: 'imagenet'"),
-    (["--arch", "vgg"], "argument --arch: invalid choice"),
+    (["--arch", "vgg"], "--arch vgg: resnet18 or vit"),
     (["--granularity", "row"], "argument --granularity: invalid choice"),
     (["--forget", "10"], "out of range"),
     (["--forget", "2", "-1"], "out of range"),
