@@ -14,7 +14,7 @@ import wfnet
 from conftest import FAST, one_hot_net, own_class_rows, randomize, randomize_bn, synthetic_images, tiny, tiny_models, write_mnist_like
 from wfnet import WFNet
 
-ARCHS = list(tiny_models())                               # resnet18, vit, small, attention, torchvision_vit
+ARCHS = list(tiny_models())                  # resnet18, torchvision_resnet, vit, small, attention, torchvision_vit
 
 
 # ---------------------------------------------------------------- weight filtering
