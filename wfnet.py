@@ -618,10 +618,14 @@ def class_similarity(wf, confusion):
     conf = torch.as_tensor(confusion, dtype=torch.float)
     i, j = torch.triu_indices(len(sim), len(sim), 1)
     pair = torch.stack([sim[i, j], (conf[i, j] + conf[j, i]) / 2])   # (2, pairs): similarity, confusion
-    above, tied = (pair[:, :, None] > pair[:, None, :]).sum(-1), (pair[:, :, None] == pair[:, None, :]).sum(-1)
-    rank = above + (tied - 1) / 2                         # (2, pairs), ties share their average rank
+    rank = torch.stack([_ranks(v) for v in pair])         # (2, pairs)
     return dict(similarity=sim.tolist(), pearson=torch.corrcoef(pair)[0, 1].nan_to_num().item(),
                 spearman=torch.corrcoef(rank)[0, 1].nan_to_num().item())
+
+def _ranks(v):
+    """Ranks from 0, ties sharing their average rank (Spearman's convention)."""
+    _, inverse, count = torch.unique(v, return_inverse=True, return_counts=True)   # sorted values
+    return (count.cumsum(0) - count + (count - 1) / 2)[inverse]
 
 def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0, batch_size=1000,
                        autocast=contextlib.nullcontext):
@@ -999,9 +1003,9 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         if "RANK" in os.environ and not dist.is_initialized():   # launched by torchrun: join its processes
-            dist.init_process_group("nccl" if cfg["device"] != "cpu" else "gloo")
             if cfg["device"] != "cpu":
                 torch.cuda.set_device(cfg["device"])
+            dist.init_process_group("nccl" if cfg["device"] != "cpu" else "gloo")
             if dist.get_rank() > 0:                       # process 0 prints; the others only compute
                 sys.stdout, cfg["progress"] = open(os.devnull, "w"), False
         return run_seeds(cfg) if cfg["seeds"] else run(cfg)
