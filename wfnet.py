@@ -173,10 +173,13 @@ class ResNet18(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
-        w = [width] + [width * 2 ** i for i in range(4)]  # 4 stages of 2 blocks, strides 1, 2, 2, 2
-        self.layers = nn.Sequential(*[b for i in range(4) for b in (BasicBlock(w[i], w[i + 1], 1 if i == 0 else 2),
-                                                                     BasicBlock(w[i + 1], w[i + 1], 1))])
-        self.fc = nn.Linear(8 * width, num_classes)
+        blocks, cin = [], width
+        for i, stride in enumerate([1, 2, 2, 2]):
+            cout = width * 2 ** i
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         x = self.layers(self.stem(x))                     # (B, 8w, H/8s, W/8s), s = stem stride
@@ -452,7 +455,8 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
                 dist.all_reduce(t)
             for a in wf.alpha:
                 a.grad /= world
-        skipped += opt.found_inf.clamp(max=1)
+            opt.found_inf.clamp_(max=1)                   # the fused step skips on exactly 1
+        skipped += opt.found_inf
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -795,12 +799,12 @@ def load_model(cfg, spec, shape, device, ckpt, path):
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
-        raise WFError(f"{path} does not fit {cfg['arch']} width {cfg['width']}") from None
+        raise WFError(f"{path} does not fit {cfg['arch']}" + (f" width {cfg['width']}" if "width" in cfg else "")) from None
     return model.eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
-# command line: train the original model (or load --checkpoint, or torchvision's pretrained one),
-# untrain all classes in one round, evaluate and explain every class, write results.json and plots.
+# command line: train (or reuse, or load --checkpoint, or take torchvision's pretrained) the original
+# model, untrain all classes in one round, evaluate and explain every class, write results and plots.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                             # one line and exit status 2, in main()
@@ -946,7 +950,7 @@ def run(cfg):
 
     # 3. the classes evaluated from the one checkpoint (a sample of them when there are many), explained
     classes = cfg["eval_classes"] or list(range(nc))
-    if len(classes) > MAX_CLASSES:
+    if not cfg["eval_classes"] and nc > MAX_CLASSES:
         classes = sorted(torch.randperm(nc, generator=torch.Generator().manual_seed(cfg["seed"]))[:MAX_CLASSES].tolist())
     t0 = time.time()
     torch.manual_seed(cfg["seed"] + 1)                    # T_d for ZRF: same arch, random init

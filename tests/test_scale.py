@@ -38,6 +38,18 @@ def test_the_whole_pipeline_on_an_image_folder_with_a_torchvision_resnet(tmp_pat
     model.load_state_dict(torch.load(tmp_path / "o" / "forget_2.pt", weights_only=True)["state_dict"])
     res = wfnet.main(args + ["--eval-classes", "1"])      # the checkpoints are reused
     assert [r["cls"] for r in res["per_class"]] == [1] and len(res["explain"]["curves"]) == 1
+    matrix = torch.tensor(res["matrix_test"])
+    assert matrix[1].isfinite().all() and matrix[[0, 2]].isnan().all()   # rows of the evaluated class only
+
+
+def test_many_classes_are_sampled_and_the_output_says_so(tmp_path, monkeypatch, capsys):
+    data = write_image_folder(tmp_path / "folder", classes=("a", "b", "c", "d"), per_class=(4, 2))
+    monkeypatch.setattr(wfnet, "MAX_CLASSES", 2)          # 4 classes count as many
+    res = wfnet.main(["--dataset", "imagefolder", "--data-dir", str(data), "--arch", "resnet18", "--image-size",
+                      "32", "--epochs", "1", "--batch-size", "8", "--untrain-steps", "2", "--untrain-batch-size", "8",
+                      "--no-progress", "--out", str(tmp_path / "o")])
+    assert len(res["per_class"]) == 2 and res["explain"]["samples"] == 4 * 2   # 2 test images per class
+    assert "2 of 4 classes evaluated, 2 explained" in capsys.readouterr().out
 
 
 def test_image_folder_errors_are_one_line(tmp_path, capsys, monkeypatch):
