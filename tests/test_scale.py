@@ -140,3 +140,16 @@ def test_the_command_line_under_torchrun(tmp_path, mnist):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [r["cls"] for r in res["per_class"]] == list(range(10))   # both processes' classes gathered
     assert not list((tmp_path / "o").glob("*.tmp"))
+
+
+def test_each_process_gets_its_share_of_both_halves_from_memory_and_from_disk(monkeypatch):
+    x, y = synthetic_images(16, nc=4)
+    spec = dict(wfnet.DATASETS["mnist"], device=torch.device("cpu"))
+    on_disk = torch.utils.data.TensorDataset(wfnet.transform(x, spec), y)   # read through a DataLoader
+    idx = torch.tensor([3, 1, 4, 15, 9, 2, 6, 5])          # forget half 3 1 4 15, retain half 9 2 6 5
+    for rank, mine in ((0, [3, 1, 9, 2]), (1, [4, 15, 6, 5])):   # its part of each half
+        monkeypatch.setattr(wfnet, "_rank", lambda: (rank, 2))
+        (xm, ym), = wfnet.batches(x, y, spec, [idx], parts=2)
+        (xd, yd), = wfnet.batches(on_disk, y, spec, [idx], parts=2)
+        assert torch.equal(ym, y[mine]) and torch.equal(yd, y[mine])
+        assert torch.equal(xm, wfnet.transform(x[mine], spec)) and torch.allclose(xd, xm)
