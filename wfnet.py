@@ -834,15 +834,17 @@ def parse_args(argv=None):
     add("--augment", action=argparse.BooleanOptionalAction, help="crop/flip for the original model")
     add("--untrain-steps", type=count, help="optimizer steps of the untraining")
     add("--untrain-lr", type=positive, help="Adam learning rate of alpha")
-    for flag in ("--batch-size", "--untrain-batch-size"):   # untraining: B, half forget and half retain
-        add(flag, type=_at_least(2))
+    add("--batch-size", type=_at_least(2), help="of the original model's training")
+    add("--untrain-batch-size", type=_at_least(2), help="B: half forget, half retain")
     add("-T", "--T", type=count, dest="T", help="retain label expansion")
     add("--focus", type=_at_least(0, float), help="forget draws by class: remembered + focus (0 = uniform)")
-    for flag in ("--lambda0", "--lambda1", "--lambda2", "--eval-train"):   # eval-train: 0 = all
-        add(flag, type=_at_least(0, float if "lambda" in flag else int))
+    for i in range(3):
+        add(f"--lambda{i}", type=_at_least(0, float))
+    add("--eval-train", type=_at_least(0), help="train samples for the train metrics (0 = all)")
     add("--granularity", choices=["channel", "weight"])
     add("--combine", choices=["min", "product"], help="how the rows of a set of classes combine")
-    add("--eval-classes", type=int, nargs="+", help=f"default all; {MAX_CLASSES} at random beyond {MAX_CLASSES}")
+    add("--eval-classes", type=int, nargs="+", help=f"the forget classes to evaluate (default all; beyond "
+        f"{MAX_CLASSES} classes, {MAX_CLASSES} at random)")
     add("--explain-samples", type=_at_least(0), help="test samples per class to explain (0 = all)")
     add("--seed", type=int)
     add("--seeds", type=int, nargs="+", help="run once per seed, in <out>/seed<k>; mean and std")
