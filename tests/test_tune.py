@@ -74,3 +74,19 @@ def test_an_original_made_with_other_flags_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tune.main(flags + ["--seeds", "1"])
     assert "trained with seed=0" in capsys.readouterr().err
+
+
+def test_snap_evaluates_one_untraining_at_each_threshold(tmp_path, capsys):
+    write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
+    flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--seeds", "0"]
+    wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2"]))
+    plain = tune.main(flags)[0][1][0]
+    table = tune.main(flags + ["--snap", "1,0.5"])
+    assert [combo for combo, _ in table] == [dict(snap=1.0), dict(snap=0.5)]
+    no_snap, snapped = table[0][1][0], table[1][1][0]
+    assert no_snap["acc_f_test"] == pytest.approx(plain["acc_f_test"])   # the same untraining, unsnapped
+    assert no_snap["acc_r_drop_test"] == pytest.approx(plain["acc_r_drop_test"])
+    assert snapped["backbone_off"] < no_snap["backbone_off"]   # entries at 0.5 or above went back to 1
+    capsys.readouterr()
+    tune.main(flags + ["--snap", "0.7"])                  # a new threshold: the kept alpha is read back
+    assert "read back from" in capsys.readouterr().out

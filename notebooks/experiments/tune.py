@@ -18,6 +18,8 @@ worth of curves per class, as wfnet.explain).
 A filter that lives only in the head is logit masking with extra steps: the backbone figure
 tells the two apart. Results go to <out>/tune.json; a combination
 already there for a seed, with the same settings, is read back, not run again.
+--snap 1,0.9 evaluates one untraining per seed (kept in <out>/seed<k>/tune_alpha.pt) once per
+threshold, with every alpha entry at or above it set back to 1 after the untraining (1: none).
 """
 import argparse, itertools, json, statistics, sys, time
 from functools import partial
@@ -61,15 +63,32 @@ def config(rest, combo):
         raise wfnet.WFError(f"--try {combo}: {e}") from None
 
 
-def untrain_and_evaluate(cfg, data, model, more=False):
-    """One untraining of every class with cfg's settings; the figures over the classes."""
+def untrain_only(cfg, data, model):
+    """One untraining of every class with cfg's settings: (the WFNet, seconds)."""
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     t0 = time.time()
     wfnet.untrain(wf, *data["train"], data["spec"], cfg["untrain_steps"],
                   cfg["untrain_batch_size"], cfg["T"], cfg["untrain_lr"], cfg["lambda0"],
                   cfg["lambda1"], cfg["lambda2"], cfg["focus"], cfg["seed"],
                   wfnet.autocast_for(data["train"][0].device), cfg["progress"])
-    seconds = time.time() - t0
+    return wf, time.time() - t0
+
+
+def snap_alpha(wf, snap):
+    """After the untraining: every alpha entry at `snap` or above set back to exactly 1."""
+    with torch.no_grad():
+        for a in wf.alpha:
+            a.data[a.data >= snap] = 1
+
+
+def untrain_and_evaluate(cfg, data, model, more=False):
+    """One untraining of every class with cfg's settings; the figures over the classes."""
+    wf, seconds = untrain_only(cfg, data, model)
+    return evaluate_wf(cfg, data, model, wf, seconds, more)
+
+
+def evaluate_wf(cfg, data, model, wf, seconds, more=False):
+    """The figures over the classes of an untrained WFNet."""
     res = wfnet.evaluate(model, lambda c: partial(wf, forget=c), data, None, None, cfg["eval_train"],
                          cfg["seed"])
     m, rows = res["mean"], res["per_class"]
@@ -88,6 +107,31 @@ def untrain_and_evaluate(cfg, data, model, more=False):
                   for c in range(wf.num_classes)]
         out["backbone_deletion_wins"] = sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"]
                                             for r in curves)
+    return out
+
+
+def snapped(cfg, data, model, seed, settings, snaps, more, path):
+    """One untraining (kept in <out>/seed<k>/tune_alpha.pt and reused while its settings are the
+    same), evaluated once per threshold in snaps (1 = no snap) from the same memory matrices."""
+    wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
+    keep = Path(cfg["out"]) / f"seed{seed}" / "tune_alpha.pt"
+    if keep.exists() and (ck := wfnet.load_checkpoint(keep))["meta"].get("settings") == settings:
+        wf.alpha.load_state_dict(ck["state_dict"])
+        seconds = ck["meta"]["untrain_s"]
+        print(f"seed {seed}: the untrained alpha read back from {keep}", flush=True)
+    else:
+        wf, seconds = untrain_only(cfg, data, model)
+        wfnet.save_checkpoint(keep, dict(settings=settings, untrain_s=seconds), wf.alpha.state_dict())
+    untrained = [a.detach().clone() for a in wf.alpha]
+    out = {}
+    for s in snaps:
+        with torch.no_grad():
+            for a, u in zip(wf.alpha, untrained):
+                a.copy_(u)
+        snap_alpha(wf, s)
+        t0 = time.time()
+        out[s] = evaluate_wf(cfg, data, model, wf, seconds, more)
+        print(f"seed {seed}, snap {s}: evaluated in {time.time() - t0:.0f} s", flush=True)
     return out
 
 
@@ -111,6 +155,9 @@ def main(argv=None):
     p.add_argument("--try", dest="tries", action="append", default=[], metavar="NAME=V1,V2",
                    help="values of one untraining setting; repeat for a grid")
     p.add_argument("--more", action="store_true", help="also pairs and the backbone's deletion curves")
+    p.add_argument("--snap", type=lambda v: [float(t) for t in v.split(",")], default=None,
+                   metavar="S1,S2", help="after the untraining, set every alpha entry >= S back to 1; "
+                   "one untraining per seed evaluated at each S (1 = no snap)")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = wfnet.parse_args(rest)
@@ -118,7 +165,8 @@ def main(argv=None):
             raise wfnet.WFError("tune.py starts from <out>/seed<k>/original.pt: drop --checkpoint "
                                 "and --forget")
         combos = grid(args.tries)
-        return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]], args.more)
+        return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]], args.more,
+                    args.snap)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -136,8 +184,9 @@ def _read_runs(path):
     raise wfnet.WFError(f"{path} is not a tune.py result file: move it away or delete it")
 
 
-def tune(cfg, combos, seeds, more=False):
-    """combos: [(the --try values, that combination's full cfg)]. Returns [(values, runs)]."""
+def tune(cfg, combos, seeds, more=False, snaps=None):
+    """combos: [(the --try values, that combination's full cfg)]. Returns [(values, runs)].
+    snaps: thresholds; each combination then becomes one row per threshold (combo + snap=S)."""
     path = Path(cfg["out"]) / "tune.json"
     done = _read_runs(path)
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], torch.device(cfg["device"]))
@@ -147,22 +196,31 @@ def tune(cfg, combos, seeds, more=False):
     table = []
     for combo, combo_cfg in combos:
         settings = {k: combo_cfg[k] for k in fixed}
-        runs = []
+        rows = {s: [] for s in snaps} if snaps else {None: []}
         for seed in seeds:
-            old = [r for r in done if r["seed"] == seed and r["settings"] == settings
-                   and all(k in r for k in figures)]
-            if old:
-                runs.append(old[0])
+            want = {s: (settings if s is None else {**settings, "snap": s}) for s in rows}
+            old = {s: [r for r in done if r["seed"] == seed and r["settings"] == want[s]
+                       and all(k in r for k in figures)] for s in rows}
+            if all(old.values()):
+                for s in rows:
+                    rows[s].append(old[s][0])
                 continue
             model = load_original(cfg, data, seed)
-            runs.append(dict(seed=seed, settings=settings, **untrain_and_evaluate(
-                {**combo_cfg, "seed": seed}, data, model, more)))
-            done = [r for r in done if r["seed"] != seed or r["settings"] != settings]
-            done.append(runs[-1])
+            t0 = time.time()
+            if snaps:
+                new = snapped({**combo_cfg, "seed": seed}, data, model, seed, settings, snaps, more, path)
+            else:
+                new = {None: untrain_and_evaluate({**combo_cfg, "seed": seed}, data, model, more)}
+            for s in rows:
+                rows[s].append(dict(seed=seed, settings=want[s], **new[s]))
+                done = [r for r in done if r["seed"] != seed or r["settings"] != want[s]]
+                done.append(rows[s][-1])
+                print(f"seed {seed}, {combo}, snap {s}: " + ", ".join(f"{k} {rows[s][-1][k]:.2f}" for k in figures),
+                      flush=True)
             wfnet._write_json(path, dict(runs=done))
-            print(f"seed {seed}, {combo}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in figures),
-                  flush=True)
-        table.append((combo, runs))
+            print(f"seed {seed}: {time.time() - t0:.0f} s in all", flush=True)
+        for s, runs in rows.items():
+            table.append((combo if s is None else {**combo, "snap": s}, runs))
     print(f"over seeds {seeds}: mean +- sample std [the worst seed]; Acc in %, drop = the original's "
           f"Acc_r minus the filtered model's on the same samples (train: {cfg['eval_train'] or 'all'} "
           "samples); worst_acc_f: the least forgotten class; *_off = 100 * mean(1 - alpha)")
@@ -173,6 +231,8 @@ def tune(cfg, combos, seeds, more=False):
             std = f"{statistics.stdev(v):.2f}" if len(v) > 1 else "n/a"
             worst = min(v) if k in HIGHER_IS_BETTER else max(v)
             print(f"  {k:>24} {statistics.mean(v):8.2f} +- {std:>5} [{worst:.2f}]")
+        print("    per seed: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:.2f}" for r in runs)
+                                          for k in figures if k != "untrain_s"))
     return table
 
 
