@@ -67,10 +67,9 @@ def untrain_only(cfg, data, model):
     """One untraining of every class with cfg's settings: (the WFNet, seconds)."""
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     t0 = time.time()
-    wfnet.untrain(wf, *data["train"], data["spec"], cfg["untrain_steps"],
-                  cfg["untrain_batch_size"], cfg["T"], cfg["untrain_lr"], cfg["lambda0"],
-                  cfg["lambda1"], cfg["lambda2"], cfg["focus"], cfg["seed"],
-                  wfnet.autocast_for(data["train"][0].device), cfg["progress"])
+    wfnet.untrain(wf, *data["train"], data["spec"], **{v: cfg[k] for k, v in wfnet.UNTRAIN.items()},
+                  seed=cfg["seed"], autocast=wfnet.autocast_for(data["train"][0].device),
+                  progress=cfg["progress"])
     return wf, time.time() - t0
 
 
@@ -110,12 +109,12 @@ def evaluate_wf(cfg, data, model, wf, seconds, more=False):
     return out
 
 
-def snapped(cfg, data, model, seed, settings, snaps, more, path):
+def snapped(cfg, data, model, seed, settings, snaps, more):
     """One untraining (kept in <out>/seed<k>/tune_alpha.pt and reused while its settings are the
     same), evaluated once per threshold in snaps (1 = no snap) from the same memory matrices."""
-    wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     keep = Path(cfg["out"]) / f"seed{seed}" / "tune_alpha.pt"
     if keep.exists() and (ck := wfnet.load_checkpoint(keep))["meta"].get("settings") == settings:
+        wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
         wf.alpha.load_state_dict(ck["state_dict"])
         seconds = ck["meta"]["untrain_s"]
         print(f"seed {seed}: the untrained alpha read back from {keep}", flush=True)
@@ -208,7 +207,7 @@ def tune(cfg, combos, seeds, more=False, snaps=None):
             model = load_original(cfg, data, seed)
             t0 = time.time()
             if snaps:
-                new = snapped({**combo_cfg, "seed": seed}, data, model, seed, settings, snaps, more, path)
+                new = snapped({**combo_cfg, "seed": seed}, data, model, seed, settings, snaps, more)
             else:
                 new = {None: untrain_and_evaluate({**combo_cfg, "seed": seed}, data, model, more)}
             for s in rows:
