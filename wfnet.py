@@ -26,7 +26,7 @@ from einops.layers.torch import Rearrange
 
 COMMON = dict(dataset="fashion-mnist", arch="resnet18", batch_size=128, untrain_batch_size=128,
               T=1, lambda0=3.0, lambda1=1.0, lambda2=1.0, focus=0.1, granularity="channel", combine="min",
-              explain_samples=100, seed=0, data_dir="data", out=None, compile=False)
+              untrain_augment=None, explain_samples=100, seed=0, data_dir="data", out=None, compile=False)
 PRESETS = {
     "quick": dict(epochs=3, augment=False, untrain_steps=1400, untrain_lr=0.05, eval_train=10000),
     "full": dict(epochs=30, augment=True, untrain_steps=4875, untrain_lr=0.01, eval_train=0),
@@ -401,10 +401,12 @@ def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, la
     return lambda0 * L_r + lambda1 * L_f + lambda2 * R, L_r, L_f, R
 
 def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.0, lambda1=1.0,
-            lambda2=1.0, focus=0.1, seed=0, autocast=contextlib.nullcontext, progress=True, log_every=25):
+            lambda2=1.0, focus=0.1, augment=False, seed=0, autocast=contextlib.nullcontext, progress=True,
+            log_every=25):
     """Train the memory matrices of `wf` for all classes in one round on images x (see load_dataset)
     with labels y. Returns the history (L_r, L_f, R per step), the steps, and the steps skipped for a
-    non-finite loss. focus=0 draws the forget half uniformly, as the retain half. Under torchrun each
+    non-finite loss. focus=0 draws the forget half uniformly, as the retain half. augment: crop and flip
+    the images, as the original model was trained (see the CHOICE above). Under torchrun each
     process runs its share of every batch and the gradients of alpha are averaged."""
     from tqdm import tqdm
     gen, dev, (rank, world) = torch.Generator().manual_seed(seed), y.device, _rank()
@@ -436,7 +438,7 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
 
     wf.train()
     bar = tqdm(range(steps), desc="untrain", disable=not progress or rank > 0, mininterval=2)
-    for step, (xb, yb) in zip(bar, batches(x, y, spec, draws(), True, gen, parts=2)):
+    for step, (xb, yb) in zip(bar, batches(x, y, spec, draws(), augment, gen, parts=2)):
         h = len(yb) // 2                                  # this process's share of each half
         xf, yf, xr, yr = xb[:h], yb[:h], xb[h:], yb[h:]
         shift = torch.randint(1, nc, (T, half), generator=gen)[:, rank * h:(rank + 1) * h].to(dev)
@@ -838,6 +840,8 @@ def parse_args(argv=None):
     add("--untrain-batch-size", type=_at_least(2), help="B: half forget, half retain")
     add("-T", "--T", type=count, dest="T", help="retain label expansion")
     add("--focus", type=_at_least(0, float), help="forget draws by class: remembered + focus (0 = uniform)")
+    add("--untrain-augment", action=argparse.BooleanOptionalAction, help="crop/flip in the untraining "
+        "(default: as the original model was trained)")
     for i in range(3):
         add(f"--lambda{i}", type=_at_least(0, float))
     add("--eval-train", type=_at_least(0), help="train samples for the train metrics (0 = all)")
@@ -898,7 +902,7 @@ def _machine(device):
 MADE_BY = ("dataset", "arch", "width", "stem_stride", "epochs", "batch_size", "augment", "optimizer", "lr",
            "weight_decay", "seed", "image_size", "pretrained")   # the settings an original model records
 UNTRAIN = dict(untrain_steps="steps", untrain_batch_size="batch_size", T="T", untrain_lr="lr", lambda0="lambda0",
-               lambda1="lambda1", lambda2="lambda2", focus="focus")   # setting -> untrain()'s keyword
+               lambda1="lambda1", lambda2="lambda2", focus="focus", untrain_augment="augment")   # -> untrain()'s keyword
 
 def run(cfg):
     torch.manual_seed(cfg["seed"])
@@ -932,6 +936,8 @@ def run(cfg):
         save_checkpoint(path, meta, model.eval().requires_grad_(False).state_dict())
         print(f"trained the original model in {meta['train_seconds']:.0f} s -> {path}")
     t_pre, meta = meta.get("train_seconds", 0.0), {k: v for k, v in meta.items() if k != "train_seconds"}
+    if cfg["untrain_augment"] is None:                    # the untraining sees what the original saw
+        cfg = {**cfg, "untrain_augment": bool(meta.get("augment", False))}
 
     # 2. untraining: one round, all classes
     wf = WFNet(model, nc, cfg["granularity"], cfg["combine"])

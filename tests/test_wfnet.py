@@ -370,6 +370,24 @@ def test_untrain_defaults_forget_every_class_of_a_small_generated_dataset():
     assert res["mean"]["acc_r_drop_test"] <= 1
 
 
+def test_untraining_augments_exactly_when_told(monkeypatch):
+    """The untraining crops and flips its images only with augment=True: an original trained
+    without augmentation must not be untrained on images it never saw."""
+    seen, transform = [], wfnet.transform
+
+    def record(x, spec, augment=False, gen=None):
+        seen.append(augment)
+        return transform(x, spec, augment, gen)
+    monkeypatch.setattr(wfnet, "transform", record)
+    x, y = synthetic_images(64)
+    for augment in (False, True):
+        seen.clear()
+        torch.manual_seed(0)
+        wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
+        wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=3, batch_size=16, augment=augment, progress=False)
+        assert seen == [augment] * 3
+
+
 def test_untraining_is_deterministic():
     x, y = synthetic_images(64)
     spec = wfnet.DATASETS["mnist"]
@@ -555,14 +573,19 @@ def test_bad_checkpoints(mnist, tmp_path, capsys):
 
 def test_a_checkpoint_records_what_made_it(mnist, tmp_path):
     """With --checkpoint, wfnet.pt records the settings the checkpoint was trained with (its
-    epochs, lr and seed), not the flags of this run."""
+    epochs, lr, seed and augmentation), not the flags of this run, and the untraining augments
+    its images as that original was trained, unless told otherwise."""
     flags = mnist(200, 50) + ["--explain-samples", "2"]
-    wfnet.run(wfnet.parse_args(flags + ["--lr", "0.05", "--seed", "3"]))
+    wfnet.run(wfnet.parse_args(flags + ["--lr", "0.05", "--seed", "3", "--augment"]))
     first = tmp_path / "o" / "original.pt"
+    assert torch.load(tmp_path / "o" / "wfnet.pt", weights_only=True)["meta"]["untrain_augment"] is True
     flags[flags.index("--out") + 1] = str(tmp_path / "p")
     wfnet.run(wfnet.parse_args(flags + ["--checkpoint", str(first), "--epochs", "7"]))
     meta = torch.load(tmp_path / "p" / "wfnet.pt", weights_only=True)["meta"]
     assert (meta["lr"], meta["seed"], meta["epochs"], meta["untrain_seed"]) == (0.05, 3, 1, 0)
+    assert meta["augment"] is True and meta["untrain_augment"] is True
+    wfnet.run(wfnet.parse_args(flags + ["--checkpoint", str(first), "--no-untrain-augment"]))
+    assert torch.load(tmp_path / "p" / "wfnet.pt", weights_only=True)["meta"]["untrain_augment"] is False
 
 
 def test_end_to_end_untraining_forgets_and_retains(tmp_path, capsys):
