@@ -63,7 +63,7 @@ def test_neggrad_and_random_label_forget_finetune_keeps(tmp_path):
     assert acc_r(m) > 0.9                                 # trained on the retain set only
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     write_mnist_like(tmp_path / "data", "MNIST", 300, 100)
     flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as e:
@@ -78,6 +78,15 @@ def test_command_line(tmp_path, capsys):
         assert {"acc_f_test", "acc_r_test", "zrf", "mia_efficacy", "probe_c"} <= saved["mean"].keys()
         assert res["budget"] == saved["budget"]
     assert saved["mean"]["acc_f_test"] == 0               # logit masking, by construction
+    seen, sgd_steps = [], baselines._sgd_steps            # fine-tune augments as the original was trained
+    monkeypatch.setattr(baselines, "_sgd_steps", lambda *a, **kw: (seen.append(a[-1]), sgd_steps(*a, **kw))[1])
+    ckpt = wfnet.load_checkpoint(tmp_path / "o" / "original.pt")
+    for augmented in (False, True):                       # whatever this run's flags say
+        checkpoint = tmp_path / f"original_{augmented}.pt"
+        wfnet.save_checkpoint(checkpoint, {**ckpt["meta"], "augment": augmented}, ckpt["state_dict"])
+        res = baselines.main(["--method", "finetune", "--classes", "0", "--probe-train", "100",
+                              "--checkpoint", str(checkpoint)] + flags)
+        assert seen.pop() is augmented and ("crop and flip" in res["budget"]) == augmented
     with pytest.raises(SystemExit) as e:
         baselines.main(["--method", "finetune", "--classes", "12"] + flags)
     assert e.value.code == 2

@@ -14,9 +14,9 @@ each is run once per chosen class and evaluated with wfnet.evaluate, plus a line
 wfnet.py's and must match the run that made <out>/original.pt. Writes <out>/baseline_<method>.json.
 
 Budgets (CHOICE, the same for every per-class method, stated in the output): fine-tune,
-NegGrad and random label take as many steps as WF-Net's untraining of ALL classes (0.8 epochs
-of batch 128 in the quick preset), SGD with momentum 0.9, lr 0.01 decaying linearly to 0,
-batch 128, crop/flip augmentation. Retrain is the original recipe from scratch on the data
+NegGrad and random label take as many steps as WF-Net's untraining of ALL classes, SGD with
+momentum 0.9, lr 0.01 decaying linearly to 0, batch 128; their images are cropped and flipped
+exactly when the original model's were (its checkpoint says), the rule WF-Net's untraining follows. Retrain is the original recipe from scratch on the data
 without class c. Logit masking sets logit c to -inf and trains nothing.
 """
 import argparse, contextlib, copy, sys, time
@@ -48,9 +48,10 @@ class LogitMask(nn.Module):
 
 
 def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0,
-               autocast=contextlib.nullcontext):
+               autocast=contextlib.nullcontext, augment=False):
     """Fine-tune (retain CE), NegGrad (retain CE - forget CE, capped) or random label
-    (retain CE + CE of forget samples with a random other label), `steps` SGD steps."""
+    (retain CE + CE of forget samples with a random other label), `steps` SGD steps; augment:
+    crop and flip both batches (as the original model was trained)."""
     g = torch.Generator().manual_seed(seed)
     retain, forget = (y != c).nonzero().squeeze(1), (y == c).nonzero().squeeze(1)
     model.requires_grad_(True)                            # the original arrives frozen
@@ -61,12 +62,12 @@ def _sgd_steps(model, x, y, spec, c, steps, mode, batch_size=128, seed=0,
     for _ in range(steps):
         ir = retain[torch.randint(len(retain), (batch_size,), generator=g).to(retain.device)]
         with autocast():
-            loss = F.cross_entropy(model(wfnet.transform(x[ir], spec, True, g)), y[ir])
+            loss = F.cross_entropy(model(wfnet.transform(x[ir], spec, augment, g)), y[ir])
         if mode != "finetune":
             n = batch_size // 2
             f = forget[torch.randint(len(forget), (n,), generator=g).to(forget.device)]
             with autocast():
-                logits = model(wfnet.transform(x[f], spec, True, g))
+                logits = model(wfnet.transform(x[f], spec, augment, g))
             if mode == "neggrad":
                 loss = loss - F.cross_entropy(logits, y[f]).clamp(max=ASCENT_CAP)
             else:                                         # random label: any class but c
@@ -96,7 +97,7 @@ def unlearn(method, original, data, c, cfg, make, wf=None):
                                     augment=cfg["augment"])
     steps = cfg["untrain_steps"]
     return _sgd_steps(copy.deepcopy(original), x, y, spec, c, steps, method, cfg["batch_size"],
-                      cfg["seed"], autocast)
+                      cfg["seed"], autocast, cfg["augment"])
 
 # -----------------------------------------------------------------------------
 # the representation check: does class c survive in the penultimate features? A linear probe
@@ -169,7 +170,9 @@ def run(cfg):
     path = Path(cfg["checkpoint"] or out / "original.pt")
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py` with the same flags first")
-    original = wfnet.load_model(cfg, spec, x_tr.shape[1:], dev, wfnet.load_checkpoint(path), path)
+    ckpt = wfnet.load_checkpoint(path)
+    original = wfnet.load_model(cfg, spec, x_tr.shape[1:], dev, ckpt, path)
+    cfg = {**cfg, "augment": ckpt["meta"].get("augment", cfg["augment"])}   # the original's own recipe
     wf = None
     if method == "wfnet":
         wf = wfnet.WFNet(copy.deepcopy(original), nc, cfg["granularity"], cfg["combine"])
@@ -216,7 +219,7 @@ def _budget(method, cfg, n):
             "logit_mask": "none (logit c set to -inf)",
             "wfnet": "one untraining for all classes (wfnet.pt); exported per class",
             }.get(method, f"{steps} SGD steps (momentum 0.9, lr {LR} linear decay), "
-                          f"batch {cfg['batch_size']}"
+                          f"batch {cfg['batch_size']}, " + ("crop and flip" if cfg["augment"] else "no augmentation")
                           + (f", forget CE capped at {ASCENT_CAP}" if method == "neggrad" else ""))
 
 
