@@ -4,7 +4,7 @@ experiment helpers; wfnet.py never imports it.
 
 The expensive models live in ONE cache folder, runs/course/ at the repository root. Each function
 below loads a checkpoint there if the settings that made it match, else trains it and saves it
-(wfnet's own mechanism: wfnet._reusable, save_checkpoint, load_model). So any chapter runs alone,
+(wfnet's own public functions: reusable, save_checkpoint, load_model). So any chapter runs alone,
 and the course runs fast in order. The original model and the memory matrices use the file names
 and settings of the command line: `python wfnet.py --out runs/course/fashion-mnist-resnet18`
 reuses them, and the other way round.
@@ -33,15 +33,10 @@ def setup(full=False, *flags):
     return cfg, wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["device"])
 
 
-def _meta(cfg, nc):
-    return dict(num_classes=nc, **{k: cfg[k] for k in MADE_BY if k in cfg})
-
-
 def _cached(cfg, data, path, meta, train, made, loaded):
     """The model saved at `path` if made with `meta`'s settings, else train() it and save it.
     Returns (model, seconds it took to train)."""
-    spec, x, dev = data["spec"], data["train"][0], torch.device(cfg["device"])
-    ckpt = wfnet._reusable(path, meta)
+    ckpt = wfnet.reusable(path, meta)
     if ckpt is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -51,7 +46,7 @@ def _cached(cfg, data, path, meta, train, made, loaded):
         print(made)
     else:
         print(loaded)
-    return wfnet.load_model(cfg, spec, x.shape[1:], dev, ckpt, path), ckpt["meta"]["train_seconds"]
+    return wfnet.load_model(ckpt, cfg["device"], path), ckpt["meta"]["train_seconds"]
 
 
 def original(cfg, data):
@@ -62,17 +57,17 @@ def original(cfg, data):
 
     def train():
         torch.manual_seed(cfg["seed"])
-        model = wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
+        model = wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
         return wfnet.train_original(model, x, y, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
                                     cfg["weight_decay"], cfg["seed"], wfnet.autocast_for(dev), False,
                                     cfg["optimizer"], cfg["augment"])
-    return _cached(cfg, data, path, _meta(cfg, spec["classes"]), train,
+    return _cached(cfg, data, path, wfnet.made_by(cfg, data), train,
                    f"trained the original model -> {path}", f"loaded the original model from {path}")
 
 
 def untrain_defaults():
     """untrain()'s own keyword defaults (its recipe), minus how it reports."""
-    skip = ("seed", "autocast", "progress", "log_every")
+    skip = ("seed", "autocast", "progress", "average")
     return {k: p.default for k, p in inspect.signature(wfnet.untrain).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in skip}
 
@@ -83,13 +78,15 @@ def untrained(cfg, data, model, name="wfnet.pt", **changes):
     from <out>/<name> if made with these settings. Returns (wf, info): info holds the loss
     history (L_r, L_f, R per step) and the untraining's seconds."""
     cfg = {**cfg, **changes}
+    if cfg["untrain_augment"] is None:                    # as wfnet.run: as the original was trained
+        cfg["untrain_augment"] = cfg["augment"]
     spec, (x, y) = data["spec"], data["train"]
     nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
     recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}}
-    meta = {**_meta(cfg, nc), "eps": wfnet.EPS, "untrain_seed": cfg["seed"], "granularity": cfg["granularity"],
-            **{k: cfg[k] for k in RECIPE}, "recipe": recipe}   # wfnet.run's settings, and untrain()'s
-    ckpt = wfnet._reusable(path, meta)
+    meta = dict(original=wfnet.fingerprint(model), eps=wfnet.EPS, seed=cfg["seed"], granularity=cfg["granularity"],
+                **{RECIPE[k]: cfg[k] for k in RECIPE}, recipe=recipe)   # wfnet.run's settings, and untrain()'s
+    ckpt = wfnet.reusable(path, meta)
     if ckpt is not None and "history" in ckpt["meta"]:
         wf.alpha.load_state_dict(ckpt["state_dict"])
         print(f"loaded the memory matrices from {path}")
@@ -110,8 +107,8 @@ def retrained(cfg, data, c):
     Returns (model, seconds)."""
     spec, x = data["spec"], data["train"][0]
     dev, path = torch.device(cfg["device"]), Path(cfg["out"]) / f"retrain_{c}.pt"
-    make = lambda: wfnet.model_from_config(cfg, spec, x.shape[1:], dev)
-    return _cached(cfg, data, path, {**_meta(cfg, spec["classes"]), "forgotten_class": c},
+    make = lambda: wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
+    return _cached(cfg, data, path, {**wfnet.made_by(cfg, data), "forgotten_class": c},
                    lambda: baselines.unlearn("retrain", None, data, c, cfg, make),
                    f"retrained without class {c} -> {path}",
                    f"loaded the model retrained without class {c} from {path}")

@@ -82,12 +82,14 @@ def tiny_models():
     x28 = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     tv_vit = torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=2, num_heads=2,
                                                   hidden_dim=8, mlp_dim=16, num_classes=5)
-    nn.init.normal_(tv_vit.heads.head.weight)             # torchvision starts the head at zero
+    vit = wfnet.model_from_config(dict(arch="vit", num_classes=5, in_channels=1, image_size=28, width=32), "cpu")
+    for m in (tv_vit, vit):
+        nn.init.normal_(m.heads.head.weight)              # torchvision starts the head at zero
     from torchvision.models.resnet import BasicBlock, ResNet
     tv_resnet = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5)   # torchvision's ResNet, one block per stage
     return {"resnet18": (wfnet.ResNet18(5, 1, width=4), x28),
             "torchvision_resnet": (tv_resnet, torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))),
-            "vit": (wfnet.ViT(5, 1, 28, width=32, depth=1), x28),
+            "vit": (vit, x28),
             "small": (nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 26 * 26, 5)), x28),
             "attention": (WithAttention(), torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(3))),
             "torchvision_vit": (tv_vit, torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(4)))}

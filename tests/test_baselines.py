@@ -95,7 +95,7 @@ def test_command_line(tmp_path, capsys, monkeypatch):
 def test_seeds_summarize_a_baseline(tmp_path, monkeypatch):
     write_mnist_like(tmp_path / "data", "MNIST", 200, 100)
     flags = FAST + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "o")]
-    wfnet.run_seeds(wfnet.parse_args(flags + ["--explain-samples", "2", "--seeds", "0", "1"]))
+    wfnet.main(flags + ["--explain-samples", "2", "--seeds", "0", "1"])
     method = ["--method", "logit_mask", "--classes", "1", "--probe-train", "100"]
     summary = baselines.main(method + flags + ["--seeds", "0", "1"])
     runs = [json.loads((tmp_path / "o" / f"seed{k}" / "baseline_logit_mask.json").read_text())

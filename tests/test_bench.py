@@ -48,13 +48,13 @@ def test_each_untraining_timing_runs_the_steps_it_is_divided_by(tmp_path, monkey
 def test_measured_economy_reads_the_runs(tmp_path):
     wfnet.save_checkpoint(tmp_path / "wfnet.pt", dict(untrain_seconds=20.0), {})
     assert bench.measured_economy(tmp_path, 10) == {}      # no baseline has run
-    wfnet._write_json(tmp_path / "baseline_retrain.json", dict(mean=dict(seconds=50.0)))
-    wfnet._write_json(tmp_path / "baseline_finetune.json", dict(mean=dict(seconds=4.0)))
+    wfnet.write_json(tmp_path / "baseline_retrain.json", dict(mean=dict(seconds=50.0)))
+    wfnet.write_json(tmp_path / "baseline_finetune.json", dict(mean=dict(seconds=4.0)))
     assert bench.measured_economy(tmp_path, 10) == dict(
         untrain_seconds=20.0, economy=dict(retrain=25.0, finetune=2.0))
 
 
-@pytest.mark.parametrize("flags", [["--seeds", "0", "1"], ["--forget", "3"]])
+@pytest.mark.parametrize("flags", [["--seeds", "0", "1"], ["--checkpoint", "x.pt"]])
 def test_flags_it_does_not_use_are_an_error(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(FAST + flags + ["--out", str(tmp_path / "b")])

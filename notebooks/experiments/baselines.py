@@ -166,12 +166,12 @@ def run(cfg):
     classes = cfg["classes"] if cfg["classes"] is not None else list(range(nc))
     if any(not 0 <= c < nc for c in classes):
         raise wfnet.WFError(f"--classes must lie in 0..{nc - 1}")
-    make = lambda: wfnet.model_from_config(cfg, spec, x_tr.shape[1:], dev)
+    make = lambda: wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
     path = Path(cfg["checkpoint"] or out / "original.pt")
     if not path.exists():
         raise wfnet.WFError(f"{path} not found: run `python wfnet.py` with the same flags first")
     ckpt = wfnet.load_checkpoint(path)
-    original = wfnet.load_model(cfg, spec, x_tr.shape[1:], dev, ckpt, path)
+    original = wfnet.load_model(ckpt, dev, path)
     cfg = {**cfg, "augment": ckpt["meta"].get("augment", cfg["augment"])}   # the original's own recipe
     wf = None
     if method == "wfnet":
@@ -203,7 +203,7 @@ def run(cfg):
     res.update(method=method, classes=classes, budget=_budget(method, cfg, len(x_tr)),
                config=common.config(cfg))
     path = out / f"baseline_{method}.json"
-    wfnet._write_json(path, res)
+    wfnet.write_json(path, res)
     m = res["mean"]
     print(f"{method} over classes {classes}: Acc_f {m['acc_f_test']:.2f}%, Acc_r "
           f"{m['acc_r_test']:.2f}% ({m['acc_r_drop_test']:.2f} points below the original), "

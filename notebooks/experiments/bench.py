@@ -53,7 +53,7 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
                                          cfg["weight_decay"], autocast=autocast, progress=False,
                                          optimizer=cfg["optimizer"], augment=cfg["augment"])
     wfs = {g: wfnet.WFNet(copy.deepcopy(model), nc, g) for g in ("channel", "weight")}
-    untrain_with = lambda g: lambda: wfnet.untrain(wfs[g], x, y, spec, steps, Bu, T, focus=cfg["focus"],
+    untrain_with = lambda g: lambda: wfnet.untrain(wfs[g], x, y, spec, steps, Bu, T,
                                                    autocast=autocast, progress=False)
     sgd_with = lambda mode: lambda: baselines._sgd_steps(copy.deepcopy(model), x, y, spec, 0, steps,
                                                          mode, B, autocast=autocast)
@@ -128,17 +128,17 @@ def _print(res):
 def main(argv=None):
     try:
         cfg = wfnet.parse_args(argv)
-        if cfg["seeds"] or cfg["forget"] or cfg["checkpoint"]:
-            raise wfnet.WFError("bench.py times one configuration: --seeds, --forget and "
+        if cfg["seeds"] or cfg["checkpoint"]:
+            raise wfnet.WFError("bench.py times one configuration: --seeds and "
                                 "--checkpoint do not apply (--out <run>/seed0 reads a seed's runs)")
         dev, out = torch.device(cfg["device"]), Path(cfg["out"])
         data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], dev)
         measured = measured_economy(out, data["spec"]["classes"])
-        model = wfnet.model_from_config(cfg, data["spec"], data["train"][0].shape[1:], dev)
+        model = wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
         res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), measured=measured,
-                   machine=wfnet._machine(dev), config=common.config(cfg))
+                   machine=common.machine(dev), config=common.config(cfg))
         out.mkdir(parents=True, exist_ok=True)
-        wfnet._write_json(out / "benchmark.json", res)
+        wfnet.write_json(out / "benchmark.json", res)
     except wfnet.WFError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ common.py: what the experiments share, beside wfnet.py (which never imports this
 - alpha_off: how much of alpha is off in the backbone and in the classifier head;
 - plot_explanations: frac_off.png, similarity.png and curves.png of a run's results.json.
 """
-import contextlib, itertools, json, math, statistics, sys
+import contextlib, itertools, json, math, os, platform, statistics, sys
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import wfnet  # noqa: E402
 
 NOT_SETTINGS = ("progress", "seeds", "out", "data_dir")  # where and how a run is shown, not what it computes
+
+
+def machine(device):
+    """Where a measurement ran."""
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__, device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 def config(cfg):
@@ -35,9 +41,8 @@ def load_run(out, **overrides):
                             f"--out {out}` first") from None
     dev = torch.device(cfg["device"] if cfg["device"] == "cpu" or torch.cuda.is_available() else "cpu")
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], dev)
-    x = data["train"][0]
     original = Path(cfg.get("checkpoint") or out / "original.pt")   # --checkpoint runs write none
-    model = wfnet.load_model(cfg, data["spec"], x.shape[1:], dev, wfnet.load_checkpoint(original), original)
+    model = wfnet.load_model(wfnet.load_checkpoint(original), dev, original)
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
     wf.alpha.load_state_dict(wfnet.load_checkpoint(out / "wfnet.pt")["state_dict"])
     return cfg, data, model, wf
@@ -50,11 +55,16 @@ def evaluate_sets(wf, x, y, spec, sets, batch_size=1000, autocast=contextlib.nul
     for s in sets:
         ok = run(partial(wf, forget=list(s)), x).argmax(-1) == y
         f = torch.isin(y, torch.tensor(list(s), device=y.device))
-        rows.append(dict(classes=list(s), acc_f=wfnet._acc(ok[f]), acc_r=wfnet._acc(ok[~f]),
-                         orig_acc_r=wfnet._acc(ok_orig[~f])))
+        rows.append(dict(classes=list(s), acc_f=percent(ok[f]), acc_r=percent(ok[~f]),
+                         orig_acc_r=percent(ok_orig[~f])))
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("acc_f", "acc_r", "orig_acc_r")}
     mean["acc_r_drop"] = mean["orig_acc_r"] - mean["acc_r"]
     return dict(rule=wf.combine, samples=len(y), per_set=rows, mean=mean)
+
+
+def percent(ok):
+    """% of True in a boolean tensor (nan when empty)."""
+    return 100.0 * ok.float().mean().item() if len(ok) else float("nan")
 
 
 def pairs(wf, data, per_class=100, max_pairs=45, seed=0):
@@ -125,7 +135,7 @@ def over_seeds(cfg, run_one, name="results.json"):
     summary = dict(seeds=cfg["seeds"], std="sample standard deviation (n - 1)", config=config(cfg),
                    figures={k: summarize([f[k] for f in per_seed]) for k in per_seed[0]
                             if all(k in f for f in per_seed)})
-    wfnet._write_json(Path(cfg["out"]) / f"seeds_{name}", summary)
+    wfnet.write_json(Path(cfg["out"]) / f"seeds_{name}", summary)
     print(f"over seeds {cfg['seeds']}: mean +- sample std (the values per seed) -> {cfg['out']}/seeds_{name}")
     for k, v in summary["figures"].items():
         std = "n/a" if v["std"] is None else f"{v['std']:.3f}"
@@ -188,5 +198,7 @@ def heatmap(ax, m, xlabels, ylabels, title, **kw):
 def save(fig, path):
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    wfnet._write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
     plt.close(fig)

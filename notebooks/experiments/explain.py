@@ -29,7 +29,7 @@ def main(argv=None):
         for out in args.runs:
             cfg, data, _, wf = common.load_run(out, **({"combine": args.combine} if args.combine else {}))
             res = common.pairs(wf, data, cfg["explain_samples"], args.max_pairs, cfg["seed"])
-            wfnet._write_json(f"{out}/pairs_{wf.combine}.json", res)
+            wfnet.write_json(f"{out}/pairs_{wf.combine}.json", res)
             common.plot_explanations(json.loads(Path(out, "results.json").read_text()), out)
             worst = max(res["per_set"], key=lambda r: r["acc_f"])
             print(f"{out}: {len(res['per_set'])} pairs ({wf.combine} of the rows, {res['samples']} test samples): "

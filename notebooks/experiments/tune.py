@@ -5,7 +5,7 @@ tune.py: untraining settings side by side, untrained from the same original mode
     python notebooks/experiments/tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
 
 Every combination of the --try values (any of untrain_steps, untrain_batch_size, untrain_lr,
-T, lambda0, lambda1, lambda2, focus; untrain_augment=on,off) is untrained once per seed from <out>/seed<k>/original.pt (the
+T, lambda0, lambda1, lambda2; untrain_augment=on,off) is untrained once per seed from <out>/seed<k>/original.pt (the
 other settings are wfnet.py's flags) and evaluated on every class with wfnet.evaluate, without
 explanations. Printed per combination, as mean, sample std and the worst seed: Acc_f (the mean
 over classes and the worst class) and the Acc_r drop on the training subset (choose on these, so
@@ -31,7 +31,7 @@ import common
 import wfnet
 
 TUNABLE = ("untrain_steps", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
-           "lambda2", "focus", "untrain_augment")
+           "lambda2", "untrain_augment")
 FIGURES = ("acc_f_train", "worst_acc_f_train", "acc_r_drop_train", "acc_f_test", "worst_acc_f_test",
            "acc_r_test", "acc_r_drop_test", "backbone_off", "head_off", "untrain_s")
 MORE = ("pairs_acc_f_train", "pairs_acc_r_drop_train", "pairs_acc_f_test", "pairs_acc_r_drop_test",
@@ -66,8 +66,10 @@ def config(rest, combo):
         else:
             flags += [flag, v]
     try:
-        return wfnet.parse_args(rest + flags)
-    except wfnet.WFError as e:
+        cfg = wfnet.parse_args(rest + flags)
+        wfnet.check_recipe(**{v: cfg[k] for k, v in wfnet.UNTRAIN.items() if v != "augment"})
+        return cfg
+    except ValueError as e:
         raise wfnet.WFError(f"--try {combo}: {e}") from None
 
 
@@ -146,17 +148,11 @@ def snapped(cfg, data, model, seed, settings, snaps, more):
 
 def load_original(cfg, data, seed):
     path = Path(cfg["out"]) / f"seed{seed}" / "original.pt"
-    if not path.exists():
-        raise wfnet.WFError(f"{path} not found: run `python wfnet.py --seeds ...` with the same "
-                            "--out and flags first")
-    ckpt = wfnet.load_checkpoint(path)
-    want = {**cfg, "seed": seed}
-    other = {k: v for k, v in ckpt["meta"].items() if k in want and v != want[k]}
-    if other:                                             # the settings recorded must be true
-        raise wfnet.WFError(f"{path} was trained with " + ", ".join(
-            f"{k}={v}" for k, v in other.items()) + ": pass the flags it was made with")
-    x = data["train"][0]
-    return wfnet.load_model(cfg, data["spec"], x.shape[1:], x.device, ckpt, path)
+    ckpt = wfnet.reusable(path, wfnet.made_by({**cfg, "seed": seed}, data))
+    if ckpt is None:
+        raise wfnet.WFError(f"{path}: no original model made with these flags; run `python wfnet.py --seeds ...` "
+                            "with the same --out and flags first")
+    return wfnet.load_model(ckpt, data["train"][0].device, path)
 
 
 def main(argv=None):
@@ -170,9 +166,8 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     try:
         cfg = wfnet.parse_args(rest)
-        if cfg["checkpoint"] or cfg["forget"]:
-            raise wfnet.WFError("tune.py starts from <out>/seed<k>/original.pt: drop --checkpoint "
-                                "and --forget")
+        if cfg["checkpoint"]:
+            raise wfnet.WFError("tune.py starts from <out>/seed<k>/original.pt: drop --checkpoint")
         combos = grid(args.tries)
         return tune(cfg, [(c, config(rest, c)) for c in combos], cfg["seeds"] or [cfg["seed"]], args.more,
                     args.snap)
@@ -200,7 +195,7 @@ def tune(cfg, combos, seeds, more=False, snaps=None):
     done = _read_runs(path)
     data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], torch.device(cfg["device"]))
     fixed = {k: v for k, v in common.config(cfg).items()
-             if k not in common.NOT_SETTINGS + ("seed", "forget", "checkpoint", "explain_samples")}
+             if k not in common.NOT_SETTINGS + ("seed", "checkpoint", "explain_samples")}
     figures = FIGURES + (MORE if more else ())
     table = []
     for combo, combo_cfg in combos:
@@ -226,7 +221,7 @@ def tune(cfg, combos, seeds, more=False, snaps=None):
                 done.append(rows[s][-1])
                 print(f"seed {seed}, {combo}, snap {s}: " + ", ".join(f"{k} {rows[s][-1][k]:.2f}" for k in figures),
                       flush=True)
-            wfnet._write_json(path, dict(runs=done))
+            wfnet.write_json(path, dict(runs=done))
             print(f"seed {seed}: {time.time() - t0:.0f} s in all", flush=True)
         for s, runs in rows.items():
             table.append((combo if s is None else {**combo, "snap": s}, runs))
