@@ -78,8 +78,6 @@ def untrained(cfg, data, model, name="wfnet.pt", **changes):
     from <out>/<name> if made with these settings. Returns (wf, info): info holds the loss
     history (L_r, L_f, R per step) and the untraining's seconds."""
     cfg = {**cfg, **changes}
-    if cfg["untrain_augment"] is None:                    # as wfnet.run: as the original was trained
-        cfg["untrain_augment"] = cfg["augment"]
     spec, (x, y) = data["spec"], data["train"]
     nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])

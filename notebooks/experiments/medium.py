@@ -222,7 +222,7 @@ def run(cfg):
 
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
     recipe = {v: cfg[k] for k, v in wfnet.UNTRAIN.items()}
-    recipe.update(batch_size=cfg["untrain_batch_size"] // world, augment=bool(cfg["untrain_augment"]))
+    recipe.update(batch_size=cfg["untrain_batch_size"] // world)
     wf_meta = dict(original=wfnet.fingerprint(model), seed=cfg["seed"], world=world, **recipe)
     ckpt = wfnet.reusable(out / "wfnet.pt", wf_meta)
     if ckpt is not None:
@@ -341,8 +341,7 @@ def main(argv=None):
             if dist.get_rank() > 0:                       # process 0 prints; the others only compute
                 sys.stdout, cfg["progress"] = open(os.devnull, "w"), False
         cfg.update(arch=args.arch, pretrained=args.pretrained, image_size=args.image_size, dataset="imagefolder",
-                   eval_classes=args.eval_classes,
-                   untrain_augment=cfg["untrain_augment"] if cfg["untrain_augment"] is not None else cfg["augment"])
+                   eval_classes=args.eval_classes)
         if "--out" not in rest:
             cfg["out"] = f"runs/imagefolder-{args.arch}"
         return run(cfg)

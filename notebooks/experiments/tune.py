@@ -5,7 +5,7 @@ tune.py: untraining settings side by side, untrained from the same original mode
     python notebooks/experiments/tune.py --seeds 0 1 2 --out runs/quick --try lambda0=3,10 --try lambda2=1,100
 
 Every combination of the --try values (any of untrain_steps, untrain_batch_size, untrain_lr,
-T, lambda0, lambda1, lambda2; untrain_augment=on,off) is untrained once per seed from <out>/seed<k>/original.pt (the
+T, lambda0, lambda1, lambda2) is untrained once per seed from <out>/seed<k>/original.pt (the
 other settings are wfnet.py's flags) and evaluated on every class with wfnet.evaluate, without
 explanations. Printed per combination, as mean, sample std and the worst seed: Acc_f (the mean
 over classes and the worst class) and the Acc_r drop on the training subset (choose on these, so
@@ -31,7 +31,7 @@ import common
 import wfnet
 
 TUNABLE = ("untrain_steps", "untrain_batch_size", "untrain_lr", "T", "lambda0", "lambda1",
-           "lambda2", "untrain_augment")
+           "lambda2")
 FIGURES = ("acc_f_train", "worst_acc_f_train", "acc_r_drop_train", "acc_f_test", "worst_acc_f_test",
            "acc_r_test", "acc_r_drop_test", "backbone_off", "head_off", "untrain_s")
 MORE = ("pairs_acc_f_train", "pairs_acc_r_drop_train", "pairs_acc_f_test", "pairs_acc_r_drop_test",
@@ -56,18 +56,10 @@ def grid(tries):
 def config(rest, combo):
     """wfnet.py's settings for one combination: its flags parsed, typed and checked by
     wfnet.parse_args, so --try accepts exactly what the command line does."""
-    flags = []
-    for k, v in combo.items():
-        flag = f"--{k.replace('_', '-')}"
-        if k == "untrain_augment":                        # a switch: on, off
-            if v not in ("on", "off"):
-                raise wfnet.WFError(f"--try untrain_augment={v}: on or off")
-            flags.append(flag if v == "on" else f"--no-{flag[2:]}")
-        else:
-            flags += [flag, v]
+    flags = [x for k, v in combo.items() for x in (f"--{k.replace('_', '-')}", v)]
     try:
         cfg = wfnet.parse_args(rest + flags)
-        wfnet.check_recipe(**{v: cfg[k] for k, v in wfnet.UNTRAIN.items() if v != "augment"})
+        wfnet.check_recipe(**{v: cfg[k] for k, v in wfnet.UNTRAIN.items()})
         return cfg
     except ValueError as e:
         raise wfnet.WFError(f"--try {combo}: {e}") from None
@@ -76,8 +68,6 @@ def config(rest, combo):
 def untrain_only(cfg, data, model):
     """One untraining of every class with cfg's settings: (the WFNet, seconds)."""
     wf = wfnet.WFNet(model, data["spec"]["classes"], cfg["granularity"], cfg["combine"])
-    if cfg["untrain_augment"] is None:                    # as wfnet.run: as the original was trained
-        cfg = {**cfg, "untrain_augment": cfg["augment"]}
     t0 = time.time()
     wfnet.untrain(wf, *data["train"], data["spec"], **{v: cfg[k] for k, v in wfnet.UNTRAIN.items()},
                   seed=cfg["seed"], autocast=wfnet.autocast_for(data["train"][0].device),
