@@ -9,7 +9,7 @@ torchvision's backbones, torchrun) is notebooks/experiments/medium.py, which imp
     python wfnet.py                                   # quick Fashion-MNIST run on a 2-core CPU
     python wfnet.py --dataset cifar10 --device cuda   # the whole pipeline on one GPU
 """
-import argparse, contextlib, copy, hashlib, itertools, json, math, os, pickle, statistics, sys, time, warnings
+import argparse, contextlib, copy, hashlib, json, os, pickle, statistics, sys, time, warnings
 from functools import partial
 from pathlib import Path
 
@@ -57,9 +57,8 @@ def load_dataset(name, data_dir="data", device="cpu"):
     spec, root = dict(DATASETS[name]), Path(data_dir)
     out = dict(spec=spec)
     for split in ("train", "test"):
-        make = partial(getattr(torchvision.datasets, spec["tv"]), str(root), train=split == "train")
-        try:
-            ds = make(download=True)                      # downloads only what is not there yet
+        try:                                              # downloads only what is not there yet
+            ds = getattr(torchvision.datasets, spec["tv"])(str(root), train=split == "train", download=True)
         except (RuntimeError, OSError) as e:              # no network (URLError is an OSError), bad files
             hint = " (Debian's copy: python data/fashion_mnist.py)" if name == "fashion-mnist" else ""
             raise WFError(f"{name} not found in {root} and the download failed ({type(e).__name__}); "
@@ -82,9 +81,9 @@ def transform(x, spec, augment=False, gen=None):
             flip = (torch.rand(B, generator=gen) < 0.5).to(dev)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
     mean, std = (torch.tensor(spec[k], device=x.device).view(1, -1, 1, 1) for k in ("mean", "std"))
-    return ((x - mean) / std).contiguous(memory_format=_memory_format(x.device))
+    return ((x - mean) / std).contiguous(memory_format=memory_format(x.device))
 
-def _memory_format(device):   # channels_last on CUDA only: on CPU it corrupted the heap for convs of < 8 channels
+def memory_format(device):   # channels_last on CUDA only: on CPU it corrupted the heap for convs of < 8 channels
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 def batches(x, y, spec, index_batches, augment=False, gen=None):
@@ -140,7 +139,7 @@ def model_from_config(meta, device):
         model.conv_proj = nn.Conv2d(meta["in_channels"], w, 4, 4)   # torchvision's takes 3 channels
     else:
         model = ResNet18(meta["num_classes"], meta["in_channels"], meta["width"], meta.get("stem_stride", 1))
-    return model.to(device, memory_format=_memory_format(device))
+    return model.to(device, memory_format=memory_format(device))
 
 # -----------------------------------------------------------------------------
 # weight filtering: for a layer y = W x + b, alpha_l[c] multiplies W. Filtered: every Conv2d and
@@ -180,7 +179,6 @@ def _gated_attention(m, a_in, a_out, query, key, value, key_padding_mask=None, n
     weights = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(-1) if need_weights else None  # (B, h, L, S)
     weights = weights.mean(1) if need_weights and average_attn_weights else weights
     return (out if m.batch_first else out.transpose(0, 1)), weights
-
 
 UNFILTERED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # warned of
 
@@ -243,8 +241,6 @@ class WFNet(nn.Module):
 
     def gates(self, rows):
         """Per filtered weight, alpha_l[rows] combined over the set: (K_l,) or (B, K_l)."""
-        if rows.shape[-1] == 1:
-            return [a[rows[..., 0]] for a in self.alpha]
         return [a[rows].amin(-2) if self.combine == "min" else a[rows].prod(-2) for a in self.alpha]
 
     def forward(self, x, forget=None):
@@ -298,12 +294,11 @@ class WFNet(nn.Module):
 # row of its own label, and B/2 retain samples, each repeated T times with a random row c != its
 # label (label expansion, (T, B/2)). The loss, both data terms averaged over their samples:
 #     L = lambda0 * CE(retain) + lambda1 * 1 / CE(forget) + lambda2 * mean(1 - alpha)
-# CHOICE (the recipe, measured over seeds 0-4 in notebooks/RESULTS.md): Adam on alpha, lr 0.05 decaying
+# CHOICE (the recipe, measured over seeds in notebooks/RESULTS.md): Adam on alpha, lr 0.05 decaying
 # linearly to 0, B = 128, lambda0 = 3 (1 / CE is easy to satisfy; the retain term needs the weight),
-# lambda2 = 1. T = 1 for 1,400 steps: for the same images, more forget samples than T = 4 gives, and
-# half the steps leave the pairs' Acc_r below the original's. Both halves are drawn uniformly, neither
-# cropped nor flipped: on images an unaugmented original never saw, the retain term taught alpha to
-# repair them, at 0.8 points of the other classes; an augmented original forgets as well without them.
+# lambda2 = 1; T = 1 for 1,400 steps (more forget samples than a larger T; half the steps leave pairs
+# of classes below the original). Both halves drawn uniformly, neither cropped nor flipped: images an
+# unaugmented original never saw teach alpha to repair them, at the other classes' cost.
 
 def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, lambda2=1.0):
     """The paper's loss. Returns (L, L_r, L_f, R); logits_r/y_r are already T-expanded."""
@@ -320,27 +315,22 @@ def check_recipe(steps, batch_size, T, lr, lambda0, lambda1, lambda2):   # untra
 
 def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.0, lambda1=1.0,
             lambda2=1.0, seed=0, autocast=contextlib.nullcontext, progress=True, average=None):
-    """Train the memory matrices of `wf` for all classes in one round on images x (see batches) with
-    labels y, neither cropped nor flipped; average(grads, found_inf) is called before every step
-    (medium.py's torchrun averages both). Returns the history (L_r, L_f, R per step), the steps,
-    and those skipped (non-finite)."""
+    """Train the memory matrices of `wf` for all classes in one round on images x (see batches), labels
+    y; average(grads, found_inf), if given, runs before every step (medium.py's torchrun averages both).
+    Returns the history (L_r, L_f, R per step), the steps, and those skipped (non-finite)."""
     from tqdm import tqdm
     check_recipe(steps, batch_size, T, lr, lambda0, lambda1, lambda2)
     gen, dev = torch.Generator().manual_seed(seed), y.device
     n, half, nc = len(y), batch_size // 2, wf.num_classes
-    if y.min() < 0 or y.max() >= nc:                      # checked once here, not in every step
-        raise ValueError(f"labels must lie in 0..{nc - 1}")
+    if n < batch_size or y.min() < 0 or y.max() >= nc:    # checked once here, not in every step
+        raise ValueError(f"untrain needs at least {batch_size} samples and labels in 0..{nc - 1}")
     opt = torch.optim.Adam(wf.alpha.parameters(), lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)  # linear decay to 0
     history, skipped = [], torch.zeros((), device=dev)
 
-    def draws():                                          # a batch of B indices: B/2 forget, then B/2 retain
-        perm = torch.empty(0, dtype=torch.long)
-        for _ in range(steps):
-            if len(perm) < batch_size:                    # a new epoch
-                perm = torch.randperm(n, generator=gen)
-            idx, perm = perm[:batch_size], perm[batch_size:]
-            yield idx
+    def draws():                                          # B indices a step (B/2 forget, B/2 retain), epoch by epoch
+        while True:
+            yield from torch.randperm(n, generator=gen)[:n // batch_size * batch_size].view(-1, batch_size)
 
     wf.train()
     bar = tqdm(range(steps), desc="untrain", disable=not progress, mininterval=2)
@@ -427,10 +417,6 @@ def js_divergence(p, q):
     kl = lambda a, b: (a * (a.clamp_min(1e-12).log() - b.clamp_min(1e-12).log())).sum(-1)
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
-def zrf_score(p_model, p_random):
-    """ZRF = 1 - mean JS(model || randomly initialized model) over forget samples."""
-    return 1 - js_divergence(p_model, p_random).mean().item()
-
 def mia_efficacy(conf_members, conf_nonmembers, conf_forget, seed=0, max_fit=3000):
     """Fraction of forget samples an SVC (fit members vs non-members) calls non-members."""
     from sklearn.svm import SVC
@@ -444,10 +430,9 @@ def mia_efficacy(conf_members, conf_nonmembers, conf_forget, seed=0, max_fit=300
 
 def evaluate(original, forgotten, data, classes=None, random_model=None, eval_train=10000, seed=0,
              batch_size=1000, autocast=contextlib.nullcontext, each=map):
-    """Every metric for every class c in `classes` (default all): `original` is the model before
-    unlearning, `forgotten(c)` the model that forgot c (for WF-Net, partial(wf, forget=c): every
-    class from one checkpoint). each(row, classes) maps the classes to their rows (medium.py shares
-    them out over processes). A JSON-ready dict."""
+    """Every metric for every class c in `classes` (default all), a JSON-ready dict: `original` is the
+    model before unlearning, `forgotten(c)` the model that forgot c (WF-Net: partial(wf, forget=c)).
+    each(row, classes) maps the classes to their rows (medium.py shares them out over processes)."""
     spec, nc, (x_te, y_te), (x_tr, y_tr) = data["spec"], data["spec"]["classes"], data["test"], data["train"]
     if eval_train and eval_train < len(y_tr):             # a fixed random subset keeps CPU runs short
         keep = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))[:eval_train]
@@ -467,7 +452,7 @@ def evaluate(original, forgotten, data, classes=None, random_model=None, eval_tr
                    mia_efficacy=mia_efficacy(conf_tr[~f_tr.cpu()], conf_te[~f_te.cpu()], conf_tr[f_tr.cpu()], seed),
                    per_class_test=_per_class(ok_te, y_te, nc))
         if rand_te is not None:
-            out["zrf"] = zrf_score(p_te[f_te], rand_te[f_te])
+            out["zrf"] = 1 - js_divergence(p_te[f_te], rand_te[f_te]).mean().item()   # ZRF
         return out
 
     rows = list(each(row, list(range(nc)) if classes is None else list(classes)))
@@ -575,27 +560,22 @@ def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0, c
              for n, a in zip(wf.names, wf.alpha)]         # per weight: fraction off (< 0.5) per class
     return dict(samples=len(y), alpha=alpha, **class_similarity(wf, confusion), curves=curves,
                 deletion_alpha_beats_random=sum(r["deletion_alpha"]["auc_c"] < r["deletion_random"]["auc_c"]
-                                                for r in curves),
-                deletion_others_hold=sum(r["deletion_alpha"]["auc_other"] > r["deletion_alpha"]["auc_c"]
-                                         for r in curves))
+                                                for r in curves))
 
 def save_plots(wf, res, out, names):
-    """matrix.png (test accuracy: forgotten class x true class) and alpha.png (every row of alpha,
-    the filtered weights side by side)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    alpha = torch.cat([a.detach().float().cpu() for a in wf.alpha], 1)   # (N_c, sum K_l)
-    for name, m, title in (("matrix", torch.tensor(res["matrix_test"]), "test accuracy (%): forgotten class "
-                            "(row c of alpha) x true class"), ("alpha", 100 * alpha, "alpha (%) per class: the "
-                            "components of every filtered weight, in order (dark = off)")):
-        fig, ax = plt.subplots(figsize=(7, 6))
+    """The run's two pictures: matrix.png (test accuracy, forgotten x true class) and alpha.png."""
+    from matplotlib.figure import Figure                  # no pyplot: no backend, no window
+    alpha = 100 * torch.cat([a.detach().float().cpu() for a in wf.alpha], 1)   # (N_c, sum K_l), %
+    pictures = dict(matrix=(torch.tensor(res["matrix_test"]), "test accuracy (%): forgotten class x true class"),
+                    alpha=(alpha, "alpha (%) of every filtered component, in order, per class (dark = off)"))
+    for name, (m, title) in pictures.items():
+        fig = Figure(figsize=(7, 6))
+        ax = fig.subplots()
         fig.colorbar(ax.imshow(m.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=100), ax=ax)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
         _write(out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
 
 # -----------------------------------------------------------------------------
 # checkpoints and results: written to a temporary file, then renamed (nothing is left half-written).
@@ -763,8 +743,8 @@ def run(cfg):
         t0 = time.time()
         info = untrain(wf, *data["train"], spec, **recipe, seed=cfg["seed"], autocast=autocast,
                        progress=cfg["progress"])
-        wf_ckpt = dict(meta={**wf_meta, "original_made_by": meta, "untrain_seconds": time.time() - t0},
-                       state_dict=wf.alpha.state_dict())
+        wf_ckpt = dict(meta={**wf_meta, "original_made_by": meta, "untrain_seconds": time.time() - t0,
+                             "history": info["history"]}, state_dict=wf.alpha.state_dict())
         save_checkpoint(out / "wfnet.pt", **wf_ckpt)
         print(f"untrained all {nc} classes in {wf_ckpt['meta']['untrain_seconds']:.0f} s -> {out / 'wfnet.pt'}"
               + (f" ({info['skipped_steps']} steps skipped: a non-finite loss)" if info["skipped_steps"] else ""))
@@ -792,8 +772,9 @@ def _print_table(res, names):
     m, ex = res["mean"], res["explain"]
     cols = ["acc_f_test", "acc_r_test", "orig_acc_r_test", "acc_f_train", "acc_r_train", "zrf", "mia_efficacy"]
     print(f"original model: test {res['original']['test_acc']:.2f}%, train {res['original']['train_acc']:.2f}%")
-    for name, r in [("forgotten class", None)] + [(names[r["cls"]], r) for r in res["per_class"]] + [("mean", m)]:
-        print(f"{name[:15]:>15} " + " ".join(f"{c:>15}" if r is None else f"{r[c]:>15.3f}" for c in cols))
+    print(f"{'forgotten class':>15} " + " ".join(f"{c:>15}" for c in cols))
+    for name, r in [(names[r["cls"]], r) for r in res["per_class"]] + [("mean", m)]:
+        print(f"{name[:15]:>15} " + " ".join(f"{r[c]:>15.3f}" for c in cols))
     print(f"mean Acc_r drop vs the original on the same samples: {m['acc_r_drop_test']:.2f} points (acc in %; "
           f"lower Acc_f and higher MIA-efficacy are better)\ndeletion in alpha order drops class c faster than a "
           f"random order for {ex['deletion_alpha_beats_random']}/{len(ex['curves'])} classes; alpha-row similarity "
@@ -814,7 +795,6 @@ def main(argv=None):
     except ValueError as e:                               # WFError, and the library's own range checks
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

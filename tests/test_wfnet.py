@@ -255,7 +255,8 @@ def test_explain_from_python_without_a_confusion_matrix():
     ex = wfnet.explain(wf, dict(test=(x, y), spec=spec), per_class=0, max_fraction=0.25)
     assert ex["samples"] == len(y) and len(ex["curves"]) == 4 and len(ex["alpha"]) == 2
     assert ex["alpha"][0]["frac_off"] == [0.25] * 4 and ex["alpha"][1]["frac_off"] == [0.0] * 4
-    assert ex["deletion_others_hold"] == 4                # deleting unit c costs only class c
+    hold = [r["deletion_alpha"]["auc_other"] > r["deletion_alpha"]["auc_c"] for r in ex["curves"]]
+    assert all(hold)                                      # deleting unit c costs only class c
 
 
 # ---------------------------------------------------------------- loss and untraining
@@ -408,8 +409,6 @@ def test_js_and_zrf_against_scipy_and_by_hand():
     assert js[0].item() == pytest.approx(0.25 * math.log(2 / 3) + 0.25 * math.log(2)
                                          + 0.5 * math.log(4 / 3), rel=1e-6)
     assert js[2].item() == pytest.approx(math.log(2), rel=1e-6)   # disjoint: ln 2
-    assert wfnet.zrf_score(p, p) == pytest.approx(1.0)
-    assert wfnet.zrf_score(p[2:], q[2:]) == pytest.approx(1 - math.log(2), rel=1e-6)
 
 
 def test_mia_efficacy_on_separable_confidences():

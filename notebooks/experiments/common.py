@@ -106,7 +106,7 @@ def figures(res):
     f = {f"original_{k}": res["original"][k] for k in ("test_acc", "train_acc")}
     f.update(res["mean"])
     f.update({f"seconds_{k}": v for k, v in res.get("times_s", {}).items()})
-    for k in ("deletion_alpha_beats_random", "deletion_others_hold", "pearson", "spearman"):
+    for k in ("deletion_alpha_beats_random", "pearson", "spearman"):
         if k in res.get("explain", {}):
             f[k] = res["explain"][k]
     return f

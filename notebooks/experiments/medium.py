@@ -73,7 +73,7 @@ class Folder:
         sampler = ([int(self.indices[j]) for j in idx.cpu()] for idx in index_batches)
         loader = torch.utils.data.DataLoader(view, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
                                              num_workers=min(8, (os.cpu_count() or 2) // rank_world()[1]))
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        fmt = wfnet.memory_format(self.device)
         for xb, yb in loader:
             yield (xb.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    yb.to(self.device, non_blocking=True))
@@ -125,8 +125,7 @@ def make_model(arch, num_classes, device, pretrained=False, image_size=224):
             raise
         raise wfnet.WFError(f"could not fetch {weights.url} ({type(e).__name__}); put that file in "
                             f"{torch.hub.get_dir()}/checkpoints/") from None
-    fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
-    return model.to(device, memory_format=fmt)
+    return model.to(device, memory_format=wfnet.memory_format(device))
 
 
 def free_memory(device):
