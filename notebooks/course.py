@@ -2,12 +2,12 @@
 course.py: what the chapters of the course (notebooks/0*.ipynb) share. It imports wfnet and the
 experiment helpers; wfnet.py never imports it.
 
-The expensive models live in ONE cache folder, runs/course/ at the repository root. Each function
-below loads a checkpoint there if the settings that made it match, else trains it and saves it
-(wfnet's own public functions: reusable, save_checkpoint, load_model). So any chapter runs alone,
-and the course runs fast in order. The original model and the memory matrices use the file names
-and settings of the command line: `python wfnet.py --out runs/course/fashion-mnist-resnet18`
-reuses them, and the other way round.
+The expensive models live in the command line's own output folder, runs/<dataset>-<arch>/ at the
+repository root (runs/fashion-mnist-resnet18/ for the quick ResNet). Each function below loads a
+checkpoint there if the settings that made it match, else trains it and saves it (wfnet's public
+functions: original_model, reusable, save_checkpoint, load_model). So any chapter runs alone, the
+course runs fast in order, and `python wfnet.py` (run from the repository root) reuses the course's
+original.pt and wfnet.pt, and the other way round.
 """
 import inspect, sys, time
 from pathlib import Path
@@ -19,7 +19,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "notebooks" / "experiments")]
 import wfnet  # noqa: E402
 import baselines  # noqa: E402
 
-CACHE = ROOT / "runs" / "course"
 # the settings that make an original model, and the command line's untraining settings -> untrain()'s keywords
 MADE_BY, RECIPE = wfnet.MADE_BY, wfnet.UNTRAIN
 
@@ -29,7 +28,7 @@ def setup(full=False, *flags):
     full=True, plus any flags such as "--arch", "vit") and the dataset on cfg's device."""
     cfg = wfnet.parse_args(["--preset", "full" if full else "quick", "--data-dir", str(ROOT / "data"),
                             "--no-progress", *flags])
-    cfg["out"] = str(CACHE / f"{cfg['dataset']}-{cfg['arch']}-{cfg['preset']}")
+    cfg["out"] = str(ROOT / cfg["out"])                  # the command line's folder: one cache for both
     return cfg, wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["device"])
 
 
@@ -50,19 +49,11 @@ def _cached(cfg, data, path, meta, train, made, loaded):
 
 
 def original(cfg, data):
-    """The original model for cfg: <out>/original.pt if made with these settings, else trained
-    (as wfnet.run trains it) and saved. Returns (model, seconds it took to train)."""
-    spec, (x, y) = data["spec"], data["train"]
-    path, dev = Path(cfg["out"]) / "original.pt", torch.device(cfg["device"])
-
-    def train():
-        torch.manual_seed(cfg["seed"])
-        model = wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
-        return wfnet.train_original(model, x, y, spec, cfg["epochs"], cfg["batch_size"], cfg["lr"],
-                                    cfg["weight_decay"], cfg["seed"], wfnet.autocast_for(dev), False,
-                                    cfg["optimizer"], cfg["augment"])
-    return _cached(cfg, data, path, wfnet.made_by(cfg, data), train,
-                   f"trained the original model -> {path}", f"loaded the original model from {path}")
+    """The original model for cfg, as the command line makes it (wfnet.original_model): <out>/original.pt
+    if made with these settings, else trained and saved there. Returns (model, seconds it took to train)."""
+    Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
+    model, _, seconds = wfnet.original_model(cfg, data, Path(cfg["out"]))
+    return model, seconds
 
 
 def untrain_defaults():
@@ -81,9 +72,9 @@ def untrained(cfg, data, model, name="wfnet.pt", **changes):
     spec, (x, y) = data["spec"], data["train"]
     nc, path, dev = spec["classes"], Path(cfg["out"]) / name, torch.device(cfg["device"])
     wf = wfnet.WFNet(model, nc, cfg["granularity"], cfg["combine"])
-    recipe = {**untrain_defaults(), **{RECIPE[k]: cfg[k] for k in RECIPE}}
+    recipe = {v: cfg[k] for k, v in RECIPE.items()}     # untrain()'s keywords
     meta = dict(original=wfnet.fingerprint(model), eps=wfnet.EPS, seed=cfg["seed"], granularity=cfg["granularity"],
-                **{RECIPE[k]: cfg[k] for k in RECIPE}, recipe=recipe)   # wfnet.run's settings, and untrain()'s
+                **recipe)                                 # the settings wfnet.run records
     ckpt = wfnet.reusable(path, meta)
     if ckpt is not None and "history" in ckpt["meta"]:
         wf.alpha.load_state_dict(ckpt["state_dict"])
