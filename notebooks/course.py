@@ -25,10 +25,13 @@ MADE_BY, RECIPE = wfnet.MADE_BY, wfnet.UNTRAIN
 
 def setup(full=False, *flags):
     """(cfg, data): wfnet's command-line settings (the quick preset, or the full one with
-    full=True, plus any flags such as "--arch", "vit") and the dataset on cfg's device."""
+    full=True, plus any flags such as "--arch", "vit") and the dataset on cfg's device. The cache
+    is the command line's default folder, with any flags beyond --arch added to its name
+    ("--width", "32" -> runs/fashion-mnist-vit-width-32): pass the same --out to reuse it."""
     cfg = wfnet.parse_args(["--preset", "full" if full else "quick", "--data-dir", str(ROOT / "data"),
                             "--no-progress", *flags])
-    cfg["out"] = str(ROOT / cfg["out"])                  # the command line's folder: one cache for both
+    settings = [f.lstrip("-") for f in flags if f != "--arch" and f != cfg["arch"]]   # beyond the preset's
+    cfg["out"] = str(ROOT / "-".join([cfg["out"], *settings]))   # the command line's folder (plus the flags)
     return cfg, wfnet.load_dataset(cfg["dataset"], cfg["data_dir"], cfg["device"])
 
 
