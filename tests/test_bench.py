@@ -68,3 +68,26 @@ def test_unreadable_baseline_result_is_one_line(tmp_path):
     (tmp_path / "baseline_neggrad.json").write_text("{ truncated")
     with pytest.raises(wfnet.WFError, match="not a readable baselines.py result"):
         bench.measured_economy(tmp_path, 10)
+
+
+def test_memory_format_ratio_times_the_same_untraining_in_both_formats(tmp_path, monkeypatch, capsys):
+    """On CPU the default memory format is timed against channels_last, the same steps each; not
+    for convolutions narrower than 8 channels (channels_last training corrupted the heap there)."""
+    formats, untrain = [], wfnet.untrain
+
+    def record(wf, x, y, spec, steps, *args, **kw):
+        last = [m for m in wf.model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        formats.append((last.weight.is_contiguous(memory_format=torch.channels_last), steps))
+        return untrain(wf, x, y, spec, steps, *args, **kw)
+    write_mnist_like(tmp_path / "data", "MNIST", 300, 50)
+    cfg = wfnet.parse_args(FAST + ["--width", "8", "--data-dir", str(tmp_path / "data")])
+    data = wfnet.load_dataset(cfg["dataset"], cfg["data_dir"])
+    model = wfnet.model_from_config(wfnet.made_by(cfg, data), "cpu")
+    monkeypatch.setattr(wfnet, "untrain", record)
+    ratio = bench.memory_format_ratio(cfg, data, model, steps=2, repeat=1)
+    assert ratio > 0 and sorted(formats) == [(False, 2)] * 2 + [(True, 2)] * 2   # warm-up + 1 round each
+    assert all(p.is_contiguous() for p in model.parameters())   # the caller's model is left as it was
+    narrow = wfnet.model_from_config(wfnet.made_by(wfnet.parse_args(FAST), data), "cpu")
+    assert bench.memory_format_ratio(cfg, data, narrow) is None
+    res = bench.main(FAST + ["--width", "8", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "b")])
+    assert f"over channels_last: {res['memory_format']:.2f}" in capsys.readouterr().out

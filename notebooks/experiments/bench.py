@@ -9,6 +9,10 @@ torch version and the device:
 - untraining throughput (T-expanded samples per second) over plain training throughput;
 - a batch with a different forget class per sample, and an exported model, over a plain forward;
 - channel over weight granularity, per untraining step;
+- on CPU, an untraining step in the default memory format over one with the backbone in
+  channels_last (the format wfnet.py uses on CUDA only, see wfnet.memory_format), when every
+  convolution has at least 8 output channels (below that, channels_last training corrupted the
+  heap on CPU);
 - the economy: N_c runs of each per-class method over ONE untraining of all N_c classes,
   estimated from step times (retrain: the original recipe; fine-tune, NegGrad, random label:
   baselines.py's budget), and, where <out> holds wfnet.pt and baseline_<method>.json from
@@ -86,6 +90,22 @@ def benchmark(cfg, data, model, autocast, steps=5, repeat=3):
              f"({train_steps} steps); fine-tune, NegGrad, random label: {n_untrain} steps each")
 
 
+def memory_format_ratio(cfg, data, model, steps=20, repeat=3):
+    """On CPU: the untraining step in the default memory format over the same step with the
+    backbone in channels_last, or None (CUDA already uses channels_last; narrow convolutions)."""
+    spec, (x, y) = data["spec"], data["train"]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if x.device.type != "cpu" or not convs or min(m.out_channels for m in convs) < 8:
+        return None
+    wfs = dict(default=wfnet.WFNet(copy.deepcopy(model), spec["classes"]),
+               channels_last=wfnet.WFNet(copy.deepcopy(model).to(memory_format=torch.channels_last),
+                                         spec["classes"]))
+    run = lambda k: lambda: wfnet.untrain(wfs[k], x, y, spec, steps, cfg["untrain_batch_size"], cfg["T"],
+                                          progress=False)
+    t = _median_seconds({k: run(k) for k in wfs}, x.device, repeat)
+    return t["default"] / t["channels_last"]
+
+
 def measured_economy(out, nc):
     """From real runs in `out`: N_c x the mean wall time per class of each baseline over the
     untraining time recorded in wfnet.pt. {} where there are none."""
@@ -112,6 +132,8 @@ def _print(res):
           f"samples/s (T-expanded); over plain training: {res['untrain_over_train_throughput']:.2f}x")
     print(f"untraining (weight): {s['weight']:.3f} s/step; channel over weight per step: "
           f"{res['channel_over_weight_step']:.2f}")
+    if res["memory_format"] is not None:
+        print(f"untraining step, CPU's default memory format over channels_last: {res['memory_format']:.2f}")
     print(f"forward of {res['forward_batch']} samples: mixed forget classes over plain "
           f"{res['mixed_over_plain_forward']:.2f}, exported over plain "
           f"{res['exported_over_plain_forward']:.2f}")
@@ -136,6 +158,7 @@ def main(argv=None):
         measured = measured_economy(out, data["spec"]["classes"])
         model = wfnet.model_from_config(wfnet.made_by(cfg, data), dev)
         res = dict(benchmark(cfg, data, model, wfnet.autocast_for(dev)), measured=measured,
+                   memory_format=memory_format_ratio(cfg, data, model),
                    machine=common.machine(dev), config=common.config(cfg))
         out.mkdir(parents=True, exist_ok=True)
         wfnet.write_json(out / "benchmark.json", res)
