@@ -9,7 +9,7 @@ torchvision's backbones, torchrun) is notebooks/experiments/medium.py, which imp
     python wfnet.py                                   # quick Fashion-MNIST run on a 2-core CPU
     python wfnet.py --dataset cifar10 --device cuda   # the whole pipeline on one GPU
 """
-import argparse, contextlib, copy, hashlib, json, os, pickle, statistics, sys, time, warnings
+import argparse, contextlib, copy, hashlib, json, math, os, pickle, statistics, sys, time, warnings
 from functools import partial
 from pathlib import Path
 
@@ -40,9 +40,10 @@ class WFError(ValueError):
 
 # -----------------------------------------------------------------------------
 # data: the small datasets live on the device as uint8 tensors (torchvision reads each split once),
-# normalized and augmented (random crop with padding, flip) batched there. A dataset too large for
-# memory can stand in for the tensor: any object with its own .batches(index_batches, augment).
+# normalized and augmented (random crop with padding, flip) batched there. A map-style Dataset of
+# (image, label), images transformed by it, can stand in for them: read through a DataLoader.
 
+LOADER = dict(num_workers=0)  # the DataLoader's settings for a Dataset (medium.py adds workers)
 DATASETS = {
     "mnist": dict(tv="MNIST", mean=(0.1307,), std=(0.3081,), pad=2, flip=False),
     "fashion-mnist": dict(tv="FashionMNIST", mean=(0.2860,), std=(0.3530,), pad=2, flip=True),
@@ -87,13 +88,27 @@ def memory_format(device):   # channels_last on CUDA only: on CPU it corrupted t
     return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 def batches(x, y, spec, index_batches, augment=False, gen=None):
-    """(images, labels) on the device for each index tensor of `index_batches`; x: uint8 images, or
-    an object that reads its own batches (x.batches(index_batches, augment))."""
-    if not torch.is_tensor(x):
-        yield from x.batches(index_batches, augment)
+    """(images, labels) on y's device for each index tensor of `index_batches`; x: uint8 images,
+    or a Dataset of (image, label) read by a DataLoader (its transform: spec, augment unused)."""
+    if isinstance(x, torch.utils.data.Dataset):
+        sampler = (idx.tolist() for idx in index_batches)
+        for xb, yb in torch.utils.data.DataLoader(x, batch_sampler=sampler, **LOADER):
+            fmt = memory_format(y.device) if xb.dim() == 4 else torch.contiguous_format
+            yield xb.to(y.device, memory_format=fmt, non_blocking=True), yb.to(y.device)
         return
     for idx in index_batches:
         yield transform(x[idx.to(x.device)], spec, augment, gen), y[idx.to(y.device)]
+
+def labels(ds):
+    """A Dataset's labels: its `targets` (torchvision's), else read sample by sample."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return labels(ds.dataset)[torch.as_tensor(ds.indices)]
+    targets = getattr(ds, "targets", None)
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))] if targets is None else targets)
+
+def _split(split, device):                                # (x, y), or a Dataset and its labels
+    is_dataset = isinstance(split, torch.utils.data.Dataset)
+    return (split, labels(split).to(device)) if is_dataset else split
 
 # -----------------------------------------------------------------------------
 # backbones: ResNet-18 with a 3x3 stem and no max-pool for 28/32 px (stride 1 is the CIFAR stem;
@@ -143,8 +158,8 @@ def model_from_config(meta, device):
 
 # -----------------------------------------------------------------------------
 # weight filtering: for a layer y = W x + b, alpha_l[c] multiplies W. Filtered: every Conv2d and
-# Linear weight, and nn.MultiheadAttention's in_proj_weight and out_proj.weight (it calls them
-# functionally; torchvision's ViTs use it).
+# Linear weight, and nn.MultiheadAttention's in_proj_weight and out_proj.weight (gated in its own
+# forward, below). A weight the model reads without calling its layer is scaled itself (see _plan).
 # CHOICE (granularity): "channel" (default) keeps one alpha per output unit (a row of W); "weight"
 # one per weight, the literal "point-wise". Since (a_k W_k) x + b_k = a_k y_k + b_k (1 - a_k), the
 # channel gate acts on activations: a batch where each sample forgets another class is ONE pass.
@@ -159,8 +174,23 @@ def _scale(y, a, bias, dim=-1):
     a = a.view(unit if a.dim() == 1 else [a.shape[0]] + unit[1:])
     return y * a if bias is None else y * a + bias.view(unit) * (1 - a)
 
-def _gate_hook(a, module, inputs, y):                     # Conv2d: units on dim 1; Linear: last
+def _gate_hook(a, seen, module, inputs, y):               # Conv2d: units on dim 1; Linear: last
+    if seen is not None:
+        seen[module] = y.shape[0]                         # the output's batch size, for _plan
     return _scale(y, a, module.bias, 1 if isinstance(module, nn.Conv2d) else -1)
+
+def _undoes_a_row_scale(m):
+    """True if halving every row of m's weight barely moves its output: a forward of its own that
+    normalizes each output unit's weight (weight standardization) undoes a row of alpha."""
+    w, conv = m.weight, isinstance(m, nn.Conv2d)
+    if w.is_meta or type(m).forward in (nn.Conv2d.forward, nn.Linear.forward):
+        return False
+    size = [(k - 1) * d + 3 for k, d in zip(m.kernel_size, m.dilation)] if conv else []
+    x = torch.randn(2, w.shape[1] * getattr(m, "groups", 1), *size, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        y, half = m(x), torch.func.functional_call(m, {"weight": w / 2}, (x,))
+        moved = y - _scale(y, torch.full((len(w),), 0.5, device=w.device), m.bias, 1 if conv else -1)
+        return bool((half - y).abs().max() < 0.01 * moved.abs().max())
 
 def _gated_attention(m, a_in, a_out, query, key, value, key_padding_mask=None, need_weights=True,
                      attn_mask=None, average_attn_weights=True, is_causal=False):
@@ -187,8 +217,7 @@ class WFNet(nn.Module):
 
     wf(x) or wf(x, forget=None): the wrapped model's outputs, unchanged.
     wf(x, forget=c): row c of every alpha; forget=[3, 5]: a set of classes, rows combined.
-    wf(x, forget=t): per sample, t a LongTensor (B,) (a class each) or (B, S) (a set each); this
-        needs the batch first in every filtered output (not so in a sequence-first Transformer).
+    wf(x, forget=t): per sample, t a LongTensor (B,) (a class each) or (B, S) (a set each).
     wf.export(forget=c or [3, 5]): a plain copy of the model with the row(s) in its weights.
     """
 
@@ -198,7 +227,7 @@ class WFNet(nn.Module):
             raise ValueError(f"granularity is channel or weight ({granularity!r}), combine min or product ({combine!r})")
         self.model = model.eval().requires_grad_(False)
         self.num_classes, self.granularity, self.combine = num_classes, granularity, combine
-        self.names, self.sites, attention = [], [], set()  # filtered weights; (module, their indices)
+        self.names, self.sites, attention, off = [], [], set(), []   # filtered; (module, indices)
         for n, m in model.named_modules():
             prefix = n + "." if n else ""
             if isinstance(m, nn.MultiheadAttention):
@@ -208,12 +237,19 @@ class WFNet(nn.Module):
                 self.sites.append((m, [len(self.names), len(self.names) + 1]))
                 self.names += [prefix + "in_proj_weight", prefix + "out_proj.weight"]
             elif isinstance(m, (nn.Conv2d, nn.Linear)) and n.rpartition(".")[0] not in attention:
+                computed = not isinstance(m.weight, nn.Parameter)   # weight norm, a parametrization
+                if computed or granularity == "channel" and _undoes_a_row_scale(m):
+                    off.append(n)
+                    continue
                 self.sites.append((m, [len(self.names)]))
                 self.names.append(prefix + "weight")
-        skipped = [n for n, m in model.named_modules() if isinstance(m, UNFILTERED)]
-        if skipped:
-            warnings.warn(f"WFNet filters Conv2d, Linear and nn.MultiheadAttention only; not {', '.join(skipped)}")
+        off += [n for n, m in model.named_modules() if isinstance(m, UNFILTERED)]
+        if off:
+            warnings.warn(f"WFNet leaves {', '.join(off)} unfiltered: it filters Conv2d, Linear "
+                          "and attention, not a layer that recomputes its weight or normalizes it "
+                          "per output unit (undoing a row of alpha); fold that into a plain weight")
         self.weights = [model.get_parameter(n) for n in self.names]   # a plain list: not registered again
+        self.plan = None                                  # how rows reach the weights: see _plan
         sizes = [w.shape[0] if granularity == "channel" else w.numel() for w in self.weights]
         self.alpha = nn.ParameterList([nn.Parameter(torch.ones(      # alpha_l: (N_c, K_l)
             num_classes, k, device=w.device)) for w, k in zip(self.weights, sizes)])
@@ -248,9 +284,9 @@ class WFNet(nn.Module):
 
     def filtered(self, x, rows):
         """Run with the rows of `rows`, checked classes: (S,) for the batch, (B, S) per sample."""
-        if rows.dim() == 1 or self.granularity == "channel":
+        if rows.dim() == 1 or (self.granularity == "channel" and self._plan(x)[1]):
             return self.gated(x, self.gates(rows))
-        # weight granularity, a set per sample: one pass per distinct set, then restore the order
+        # a set per sample that one pass cannot take: a pass per distinct set, then the order back
         sets, inverse = rows.unique(dim=0, return_inverse=True)
         groups = [(inverse == i).nonzero().squeeze(1) for i in range(len(sets))]
         outs = [self.gated(x[idx], self.gates(s)) for idx, s in zip(groups, sets)]
@@ -258,9 +294,18 @@ class WFNet(nn.Module):
 
     def gated(self, x, gates):
         """Run the frozen model with any per-weight gates (one value per component, in [0, 1])."""
-        if self.granularity == "weight":
-            weights = {n: (w * g.view_as(w)).contiguous() for n, w, g in zip(self.names, self.weights, gates)}
-            return torch.func.functional_call(self.model, weights, (x,))
+        if self.granularity == "channel" and self._plan(x)[0]:
+            return self._hooked(x, gates)
+        return torch.func.functional_call(self.model, self._scaled(gates), (x,))
+
+    def _scaled(self, gates):                             # {name: the weight times its gates}
+        rows = self.granularity == "channel"             # one gate per row of w, else per weight
+        view = lambda w: (-1,) + (1,) * (w.dim() - 1) if rows else w.shape
+        return {n: (w * g.view(view(w))).contiguous()
+                for n, w, g in zip(self.names, self.weights, gates)}
+
+    def _hooked(self, x, gates, seen=None):
+        """Channel gates on activations: a hook a layer, nn.MultiheadAttention's own forward."""
         hooks, forwards = [], {}
         try:
             for m, i in self.sites:
@@ -268,7 +313,7 @@ class WFNet(nn.Module):
                     forwards[m] = m.__dict__.get("forward")
                     m.forward = partial(_gated_attention, m, gates[i[0]], gates[i[1]])
                 else:
-                    hooks.append(m.register_forward_hook(partial(_gate_hook, gates[i[0]])))
+                    hooks.append(m.register_forward_hook(partial(_gate_hook, gates[i[0]], seen)))
             return self.model(x)
         finally:
             for h in hooks:
@@ -278,15 +323,29 @@ class WFNet(nn.Module):
                 if old is not None:
                     m.forward = old
 
+    def _plan(self, x):
+        """Once, on 2 samples of x with random rows: do gates on activations give the model with the
+        rows folded into its weights? Not where it reads a weight without calling the layer (Swin's
+        F.linear(x, qkv.weight)); then every weight is scaled itself. Returns (exact, whether one
+        pass takes a row per sample: exact, and the batch first in every gated output)."""
+        if self.plan is None:
+            xs, seen, g = x[torch.tensor([0, -1])], {}, torch.Generator().manual_seed(0)
+            rows = [torch.rand(w.shape[0], generator=g).to(w) for w in self.weights]
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                gated = self._hooked(xs, rows, seen)
+                scaled = torch.func.functional_call(self.model, self._scaled(rows), (xs,))
+            exact = torch.allclose(gated, scaled, rtol=1e-2, atol=1e-2 * scaled.abs().max().item())   # TF32
+            self.plan = exact, exact and all(b == 2 for b in seen.values())
+        return self.plan
+
     @torch.no_grad()
     def export(self, forget):
         """A plain copy of the wrapped model with the row(s) of `forget` folded into its weights."""
         if isinstance(forget, torch.Tensor) and forget.dim() > 0:
             raise ValueError("export takes one class or a list of classes, not a per-sample tensor")
         model = copy.deepcopy(self.model).requires_grad_(True)
-        for n, g in zip(self.names, self.gates(self._rows(forget, None))):
-            w = model.get_parameter(n)
-            w.mul_(g.view(-1, *[1] * (w.dim() - 1)) if self.granularity == "channel" else g.view_as(w))
+        for n, w in self._scaled(self.gates(self._rows(forget, None))).items():
+            model.get_parameter(n).copy_(w)
         return model
 
 # -----------------------------------------------------------------------------
@@ -309,17 +368,21 @@ def wfnet_loss(logits_f, y_f, logits_r, y_r, alpha, lambda0=1.0, lambda1=1.0, la
     return lambda0 * L_r + lambda1 * L_f + lambda2 * R, L_r, L_f, R
 
 def check_recipe(steps, batch_size, T, lr, lambda0, lambda1, lambda2):   # untrain()'s, and run()'s before training
-    if steps < 1 or batch_size < 2 or batch_size % 2 or T < 1 or lr <= 0 or min(lambda0, lambda1, lambda2) < 0:
+    rates = (lr, lambda0, lambda1, lambda2)
+    if (steps < 1 or batch_size < 2 or batch_size % 2 or T < 1 or lr <= 0 or min(rates) < 0
+            or not all(map(math.isfinite, rates))):
         raise ValueError(f"the untraining needs steps >= 1 ({steps}), an even batch size >= 2 ({batch_size}), "
-                         f"T >= 1 ({T}), lr > 0 ({lr}) and lambdas >= 0")
+                         f"T >= 1 ({T}), a finite lr > 0 ({lr}), finite lambdas >= 0 {rates[1:]}")
 
-def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.0, lambda1=1.0,
-            lambda2=1.0, seed=0, autocast=contextlib.nullcontext, progress=True, average=None):
-    """Train the memory matrices of `wf` for all classes in one round on images x (see batches), labels
-    y; average(grads, found_inf), if given, runs before every step (medium.py's torchrun averages both).
-    Returns the history (L_r, L_f, R per step), the steps, and those skipped (non-finite)."""
+def untrain(wf, x, y=None, spec=None, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.0,
+            lambda1=1.0, lambda2=1.0, seed=0, autocast=contextlib.nullcontext, progress=True,
+            average=None):
+    """Train the memory matrices of `wf` for all classes in one round on images x, labels y, or
+    a Dataset x (see batches); average(grads, found_inf), if given, runs before every step
+    (medium.py's torchrun averages both). Returns the history (L_r, L_f, R a step), the skips."""
     from tqdm import tqdm
     check_recipe(steps, batch_size, T, lr, lambda0, lambda1, lambda2)
+    x, y = _split(x if y is None else (x, y), wf.alpha[0].device)
     gen, dev = torch.Generator().manual_seed(seed), y.device
     n, half, nc = len(y), batch_size // 2, wf.num_classes
     if n < batch_size or y.min() < 0 or y.max() >= nc:    # checked once here, not in every step
@@ -339,7 +402,8 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
         shift = torch.randint(1, nc, (T, half), generator=gen).to(dev)
         rows = torch.cat([yf, ((yr + shift) % nc).flatten()])   # own label; (T, B/2) rows != label
         with autocast():
-            logits = wf.filtered(torch.cat([xf, xr.repeat(T, 1, 1, 1)]), rows[:, None]).float()
+            xs = torch.cat([xf, xr.repeat(T, *[1] * (xr.dim() - 1))])   # (B/2 + T B/2, ...)
+            logits = wf.filtered(xs, rows[:, None]).float()
         loss, L_r, L_f, R = wfnet_loss(logits[:half], yf, logits[half:], yr.repeat(T), wf.alpha,
                                        lambda0, lambda1, lambda2)
         opt.zero_grad(set_to_none=True)
@@ -359,6 +423,9 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
         if progress and step % 25 == 0:                   # channel granularity: the only host sync
             bar.set_postfix(dict(zip(("L_r", "L_f", "R"), history[-1].tolist())), refresh=False)
     wf.eval()
+    if int(skipped) == steps or all(bool((a == 1).all()) for a in wf.alpha):   # no result
+        raise WFError(f"the untraining left alpha untouched ({int(skipped)}/{steps} steps skipped: "
+                      "a non-finite loss); check the lambdas, the learning rate and the data")
     return dict(history=torch.stack(history).tolist(), skipped_steps=int(skipped), steps=steps)
 
 # -----------------------------------------------------------------------------
@@ -367,8 +434,10 @@ def untrain(wf, x, y, spec, steps=1400, batch_size=128, T=1, lr=0.05, lambda0=3.
 
 def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0,
                    autocast=contextlib.nullcontext, progress=True, optimizer="sgd", augment=True):
-    """Train `model` (or a DistributedDataParallel around it) on images x with labels y."""
+    """Train `model` (or a DistributedDataParallel around it) on images x, labels y, or a Dataset x
+    (see batches). A loss turning non-finite stops it with a WFError: nothing diverged is kept."""
     from tqdm import tqdm
+    x, y = _split(x if y is None else (x, y), next(model.parameters()).device)
     gen, n = torch.Generator().manual_seed(seed), len(y)
     steps = epochs * (n // batch_size)
     if steps < 1:
@@ -383,7 +452,8 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
     model.train()
-    for _ in tqdm(range(epochs), desc="train", disable=not progress):
+    nonfinite = torch.zeros((), dtype=torch.bool, device=y.device)
+    for epoch in tqdm(range(epochs), desc="train", disable=not progress):
         perm = torch.randperm(n, generator=gen)[:n // batch_size * batch_size].view(-1, batch_size)
         for xb, yb in batches(x, y, spec, perm, augment, gen):
             with autocast():
@@ -392,6 +462,10 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
             loss.backward()
             opt.step()
             sched.step()
+            nonfinite |= ~torch.isfinite(loss.detach())   # on the device: one host sync an epoch
+        if nonfinite:
+            raise WFError(f"the original model's loss turned non-finite in epoch {epoch + 1} "
+                          f"(lr {lr}, weight decay {weight_decay}): lower the learning rate")
     return model.eval()
 
 # -----------------------------------------------------------------------------
@@ -403,10 +477,10 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
 # fraction of forget-train samples it judges non-members (higher is better).
 
 @torch.no_grad()
-def predict(net, x, spec, batch_size=1000, autocast=contextlib.nullcontext):
-    """Softmax probabilities (N, N_c) of net on the images x (see batches)."""
-    out = []
-    for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long), spec, torch.arange(len(x)).split(batch_size)):
+def predict(net, x, spec=None, batch_size=1000, autocast=contextlib.nullcontext, device="cpu"):
+    """Softmax probabilities (N, N_c) of net on images x (see batches; a Dataset's on `device`)."""
+    out, dummy = [], torch.zeros(len(x), dtype=torch.long, device=getattr(x, "device", device))
+    for xb, _ in batches(x, dummy, spec, torch.arange(len(x)).split(batch_size)):
         with autocast():
             out.append(net(xb).float().softmax(-1))
     return torch.cat(out)
@@ -431,14 +505,17 @@ def mia_efficacy(conf_members, conf_nonmembers, conf_forget, seed=0, max_fit=300
 def evaluate(original, forgotten, data, classes=None, random_model=None, eval_train=10000, seed=0,
              batch_size=1000, autocast=contextlib.nullcontext, each=map):
     """Every metric for every class c in `classes` (default all), a JSON-ready dict: `original` is the
-    model before unlearning, `forgotten(c)` the model that forgot c (WF-Net: partial(wf, forget=c)).
-    each(row, classes) maps the classes to their rows (medium.py shares them out over processes)."""
-    spec, nc, (x_te, y_te), (x_tr, y_tr) = data["spec"], data["spec"]["classes"], data["test"], data["train"]
+    model before unlearning, `forgotten(c)` the model that forgot c (WF-Net: partial(wf, forget=c));
+    data: dict(train=, test=, spec=), (images, labels) or Datasets (see batches). each(row, classes)
+    maps the classes to their rows (medium.py shares them out over processes)."""
+    dev, spec = next(original.parameters()).device, data.get("spec")
+    (x_te, y_te), (x_tr, y_tr) = _split(data["test"], dev), _split(data["train"], dev)
     if eval_train and eval_train < len(y_tr):             # a fixed random subset keeps CPU runs short
         keep = torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(seed))[:eval_train]
         x_tr, y_tr = _subset(x_tr, keep), y_tr[keep.to(y_tr.device)]
-    run = partial(predict, spec=spec, batch_size=batch_size, autocast=autocast)
+    run = partial(predict, spec=spec, batch_size=batch_size, autocast=autocast, device=dev)
     orig_te, orig_tr = run(original, x_te), run(original, x_tr)
+    nc = orig_te.shape[1]                                 # the class count: the model's outputs
     ok_orig_te, ok_orig_tr = orig_te.argmax(-1) == y_te, orig_tr.argmax(-1) == y_tr
     rand_te = run(random_model, x_te) if random_model is not None else None
 
@@ -467,8 +544,8 @@ def evaluate(original, forgotten, data, classes=None, random_model=None, eval_tr
                               confusion_test=_confusion(y_te, orig_te.argmax(-1), nc).tolist()),
                 per_class=rows, mean=mean, matrix_test=matrix.tolist(), eval_train_samples=len(y_tr))
 
-def _subset(x, idx):                                      # images on the device, or a dataset object
-    return x[idx.to(x.device)] if torch.is_tensor(x) else x[idx]
+def _subset(x, idx):                                      # images on the device, or a Dataset
+    return x[idx.to(x.device)] if torch.is_tensor(x) else torch.utils.data.Subset(x, idx.tolist())
 
 def _per_class(ok, y, nc):
     """Accuracy (%) on each true class: (N_c,) as a list, nan for a class without samples."""
@@ -517,7 +594,7 @@ def deletion_insertion(wf, x, y, spec, c, max_fraction=0.1, points=6, seed=0, ba
 
     def acc(gate):                                        # (accuracy on class c, on the others), %
         net = partial(wf.gated, gates=gate.split([a.shape[1] for a in wf.alpha]))
-        ok = predict(net, x, spec, batch_size, autocast).argmax(-1) == y
+        ok = predict(net, x, spec, batch_size, autocast, y.device).argmax(-1) == y
         return _acc(ok[y == c]), _acc(ok[y != c])
 
     out = dict(fraction=frac.tolist())
@@ -549,9 +626,10 @@ def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0, c
     """Every explanation of a trained WFNet, on `per_class` test samples of every class (0 = all),
     the deletion/insertion curves for `classes` (default all). `confusion`: the original model's
     (evaluate()["original"]["confusion_test"]); None computes it."""
-    (x, y), spec, nc = data["test"], data["spec"], wf.num_classes
+    (x, y), spec, nc = _split(data["test"], wf.alpha[0].device), data.get("spec"), wf.num_classes
     if confusion is None:
-        confusion = _confusion(y, predict(wf, x, spec, batch_size, autocast).argmax(-1), nc)
+        pred = predict(wf, x, spec, batch_size, autocast, y.device).argmax(-1)
+        confusion = _confusion(y, pred, nc)
     x, y = explain_subset(x, y, per_class, seed)
     classes = range(nc) if classes is None else classes
     curves = [dict(cls=c, **deletion_insertion(wf, x, y, spec, c, max_fraction, seed=seed, batch_size=batch_size,
@@ -643,6 +721,14 @@ def fingerprint(model):
 # command line: train (or reuse, or load --checkpoint) the original model, untrain all classes in
 # one round, evaluate and explain every class, write results and plots.
 
+def _number(kind, low, strict=False):                     # an argparse type: finite, >= low (> if strict)
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(f"needs a finite number {'>' if strict else '>='} {low}, not {text}")
+        return value
+    return parse
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="WF-Net: multi-class unlearning by weight filtering",
                                 usage=argparse.SUPPRESS)  # an error is one line, exit status 2
@@ -650,12 +736,12 @@ def parse_args(argv=None):
     add("--preset", default="auto", choices=["auto", *PRESETS], help="auto: quick on CPU, full on CUDA")
     add("--dataset", choices=DATASETS)
     add("--arch", choices=ARCHS)
-    add("--width", type=int, help="ResNet base width (64 = ResNet-18) or ViT dim")
+    add("--width", type=_number(int, 1), help="ResNet base width (64 = ResNet-18) or ViT dim")
     add("--stem-stride", type=int, choices=[1, 2], help="ResNet stem: 1 (CIFAR stem) or 2")
-    add("--epochs", type=int, help="epochs of the original model")
-    add("--lr", type=float, help="peak learning rate of the original model")
-    add("--weight-decay", type=float, help="of the original model")
-    add("--batch-size", type=int, help="of the original model's training")
+    add("--epochs", type=_number(int, 1), help="epochs of the original model")
+    add("--lr", type=_number(float, 0, True), help="peak learning rate of the original model")
+    add("--weight-decay", type=_number(float, 0), help="of the original model")
+    add("--batch-size", type=_number(int, 1), help="of the original model's training")
     add("--augment", action=argparse.BooleanOptionalAction, help="crop/flip for the original model")
     add("--untrain-steps", type=int, help="optimizer steps of the untraining")
     add("--untrain-lr", type=float, help="Adam learning rate of alpha")
@@ -665,8 +751,8 @@ def parse_args(argv=None):
         add(f"--lambda{i}", type=float, help=f"weight of {term}")
     add("--granularity", choices=["channel", "weight"])
     add("--combine", choices=["min", "product"], help="how the rows of a set of classes combine")
-    add("--eval-train", type=int, help="train samples for the train metrics (0 = all)")
-    add("--explain-samples", type=int, help="test samples per class to explain (0 = all)")
+    add("--eval-train", type=_number(int, 0), help="train samples for the train metrics (0 = all)")
+    add("--explain-samples", type=_number(int, 0), help="test samples a class to explain (0 = all)")
     add("--seed", type=int)
     add("--seeds", type=int, nargs="+", help="run once per seed, in <out>/seed<k>; mean and std")
     add("--data-dir")
@@ -725,8 +811,6 @@ def run(cfg):
     autocast = autocast_for(dev)
     recipe = {v: cfg[k] for k, v in UNTRAIN.items()}      # untrain()'s keywords
     check_recipe(**recipe)                                # before any training
-    if min(cfg["eval_train"], cfg["explain_samples"]) < 0:
-        raise WFError("--eval-train and --explain-samples count samples: 0 or more (0 = all)")
     data = load_dataset(cfg["dataset"], cfg["data_dir"], dev)
     spec, nc = data["spec"], data["spec"]["classes"]
     out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def original(cfg, data):
 
 def untrain_defaults():
     """untrain()'s own keyword defaults (its recipe), minus how it reports."""
-    skip = ("seed", "autocast", "progress", "average")
+    skip = ("y", "spec", "seed", "autocast", "progress", "average")
     return {k: p.default for k, p in inspect.signature(wfnet.untrain).parameters.items()
             if p.default is not inspect.Parameter.empty and k not in skip}
 

@@ -93,14 +93,16 @@ def test_memory_matrices_that_would_not_fit_are_refused_before_allocating(monkey
     assert need == 16 * sum(a.numel() for a in wf.alpha)
 
 
-def test_a_folder_subset_reads_its_own_images_in_order(tmp_path):
-    data = medium.load_folder(write_image_folder(tmp_path / "folder"), 32, "cpu")
-    x, y = data["train"]
-    sub = x[torch.tensor([5, 0, 17])]
-    (xb, yb), = sub.batches([torch.tensor([2, 0])])
-    (xa, ya), = x.batches([torch.tensor([17, 5])])
+def test_a_folder_is_datasets_wfnet_reads_in_order(tmp_path):
+    data = medium.load_folder(write_image_folder(tmp_path / "folder"), 32)
+    x, y = data["train"], wfnet.labels(data["train"])
+    sub = wfnet._subset(x, torch.tensor([5, 0, 17]))
+    (xb, yb), = wfnet.batches(sub, y, None, [torch.tensor([2, 0])])
+    (xa, ya), = wfnet.batches(x, y, None, [torch.tensor([17, 5])])
     assert torch.equal(yb, y[[17, 5]]) and torch.equal(xb, xa) and torch.equal(yb, ya)
-    assert len(sub) == 3 and len(wfnet.predict(lambda t: t.mean((2, 3)), sub, data["spec"])) == 3
+    assert xb.shape == (2, 3, 32, 32) and len(sub) == 3 and len(wfnet.predict(lambda t: t.mean((2, 3)), sub)) == 3
+    assert data["augmented"].samples is data["train"].samples       # one scan of the folder, two transforms
+    assert not torch.equal(*(data["augmented"][3][0] for _ in range(2))) and torch.equal(*(x[3][0] for _ in range(2)))
 
 
 WORKER = """

@@ -125,6 +125,8 @@ def test_gated_attention_is_multihead_attention_itself():
         return nn.MultiheadAttention.forward(model.attention, *args, **kw)
     model.attention.forward = users_forward
     wf = randomize(WFNet(model, 5))
+    wf(x, forget=0)                                       # the first pass checks the gates (see _plan)
+    calls.clear()
     assert not torch.allclose(wf(x, forget=1), wf(x), atol=1e-3) and calls == [1]   # gated, then the user's
     assert model.attention.forward is users_forward
 
@@ -497,7 +499,19 @@ def cli(args, capsys):
     (["--arch", "vgg"], "argument --arch: invalid choice: 'vgg'"),
     (["--granularity", "row"], "argument --granularity: invalid choice"),
     (["--combine", "max"], "argument --combine: invalid choice"),
-    (["--explain-samples", "-1"], "--eval-train and --explain-samples count samples: 0 or more"),
+    (["--explain-samples", "-1"], "argument --explain-samples: needs a finite number >= 0, not -1"),
+    (["--eval-train", "-5"], "argument --eval-train: needs a finite number >= 0, not -5"),
+    (["--batch-size", "0"], "argument --batch-size: needs a finite number >= 1, not 0"),
+    (["--width", "0"], "argument --width: needs a finite number >= 1, not 0"),
+    (["--width", "-2"], "argument --width: needs a finite number >= 1, not -2"),
+    (["--epochs", "0"], "argument --epochs: needs a finite number >= 1, not 0"),
+    (["--lr", "nan"], "argument --lr: needs a finite number > 0, not nan"),
+    (["--lr", "0"], "argument --lr: needs a finite number > 0, not 0"),
+    (["--weight-decay", "-1"], "argument --weight-decay: needs a finite number >= 0, not -1"),
+    (["--weight-decay", "inf"], "argument --weight-decay: needs a finite number >= 0, not inf"),
+    (["--lambda0", "nan"], "finite lambdas >= 0 (nan, 1.0, 1.0)"),
+    (["--lambda1", "inf"], "finite lambdas >= 0 (3.0, inf, 1.0)"),
+    (["--untrain-lr", "nan"], "a finite lr > 0 (nan)"),
     (["--device", "tpu"], "--device tpu: choose cpu, or cuda"),
     (["--untrain-steps", "0"], "the untraining needs steps >= 1 (0)"),
     (["--untrain-batch-size", "129"], "an even batch size >= 2 (129)"),
@@ -560,7 +574,7 @@ def test_bad_checkpoints(mnist, tmp_path, capsys):
         code, err = cli(base + ["--checkpoint", str(other)], capsys)
         assert code == 2 and "not a readable" in err
     (out / "original.pt").unlink()
-    code, err = cli(base + ["--epochs", "0"], capsys)
+    code, err = cli(base + ["--batch-size", "100000"], capsys)
     assert code == 2 and "make no step" in err and len(err.splitlines()) == 1
 
 
@@ -573,7 +587,7 @@ def test_a_checkpoint_is_rebuilt_from_its_own_settings_and_memory_matrices_follo
                     stem_stride=1)
     torch.manual_seed(0)
     wfnet.save_checkpoint(other, settings, wfnet.ResNet18(10, 1, 4, stem_stride=1).state_dict())
-    res = wfnet.run(wfnet.parse_args(flags + ["--checkpoint", str(other)]))
+    res = wfnet.run(wfnet.parse_args(flags + ["--checkpoint", str(other), "--lambda2", "0"]))   # random: R alone holds alpha
     assert res["original_made_by"]["stem_stride"] == 1
     wfnet.run(wfnet.parse_args(flags))                    # trains original.pt, untrains for it
     first = torch.load(tmp_path / "o" / "wfnet.pt", weights_only=True)["meta"]["original"]
@@ -674,7 +688,7 @@ def test_a_width_4_resnet_trains_in_the_cpus_memory_format():
 
 def test_layers_the_filter_does_not_cover_are_named_in_a_warning():
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 3))
-    with pytest.warns(UserWarning, match="not 0"):
+    with pytest.warns(UserWarning, match="leaves 0 unfiltered"):
         wf = WFNet(model, 3)
     assert wf.names == ["2.weight"]
 
@@ -704,3 +718,45 @@ def test_the_library_checks_the_untraining_settings():
     for bad in (dict(steps=0), dict(batch_size=129), dict(batch_size=1), dict(T=0), dict(lr=0), dict(lambda1=-1)):
         with pytest.raises(ValueError, match="the untraining needs"):
             wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], progress=False, **bad)
+
+
+def test_a_diverging_original_is_an_error_and_saved_nowhere(mnist, tmp_path, capsys):
+    code, err = cli(mnist(200, 50) + ["--lr", "1e30"], capsys)
+    assert code == 2 and "loss turned non-finite in epoch 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "original.pt").exists() and not (tmp_path / "o" / "results.json").exists()
+
+
+def test_an_untraining_that_learns_nothing_is_an_error(monkeypatch):
+    wf = WFNet(wfnet.ResNet18(10, 1, 4), 10)
+    x, y = synthetic_images(64)
+    real = wfnet.wfnet_loss
+    monkeypatch.setattr(wfnet, "wfnet_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"),) + real(*a, **k)[1:])
+    with pytest.raises(wfnet.WFError, match=r"left alpha untouched \(3/3 steps skipped"):
+        wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=3, batch_size=32, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(wfnet.WFError, match=r"left alpha untouched \(0/3 steps skipped"):
+        wfnet.untrain(wf, x, y, wfnet.DATASETS["mnist"], steps=3, batch_size=32, lambda0=0, lambda1=0, progress=False)
+
+
+def test_untrain_evaluate_and_explain_take_datasets_as_tensors():
+    """A Dataset of (normalized image, label) gives the batches, the first untraining step and the
+    metrics that the uint8 tensors give."""
+    spec = wfnet.DATASETS["mnist"]
+    x, y = synthetic_images(200)
+    ds = torch.utils.data.TensorDataset(wfnet.transform(x, spec), y)
+    idx = [torch.tensor([5, 0, 17, 3]), torch.tensor([199, 1])]
+    for (xa, ya), (xb, yb) in zip(wfnet.batches(x, y, spec, idx), wfnet.batches(ds, y, None, idx)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(wfnet.labels(ds), y) and torch.equal(wfnet.labels(torch.utils.data.Subset(ds, [4, 2])), y[[4, 2]])
+    model = wfnet.train_original(wfnet.ResNet18(10, 1, 4), ds, None, None, 1, 32, 0.05, progress=False)
+    wf, wf2 = WFNet(model, 10), WFNet(model, 10)
+    steps = [wfnet.untrain(w, *d, steps=3, batch_size=32, lambda2=0, progress=False)["history"]
+             for w, d in ((wf, (x, y, spec)), (wf2, (ds,)))]
+    assert torch.allclose(torch.tensor(steps[0][0]), torch.tensor(steps[1][0]), rtol=1e-5)   # the same first batch
+    res = [wfnet.evaluate(model, lambda c: partial(wf, forget=c), d, eval_train=100)
+           for d in (dict(train=(x, y), test=(x, y), spec=spec), dict(train=ds, test=ds))]
+    keys = ("acc_f_test", "acc_r_test", "acc_f_train", "acc_r_train")
+    assert [[r[k] for k in keys] for r in res[0]["per_class"]] == [[r[k] for k in keys] for r in res[1]["per_class"]]
+    assert res[0]["eval_train_samples"] == res[1]["eval_train_samples"] == 100
+    ex = [wfnet.explain(wf, d, per_class=3, max_fraction=0.25) for d in (dict(test=(x, y), spec=spec), dict(test=ds))]
+    assert [c["deletion_alpha"]["acc_c"] for c in ex[0]["curves"]] == [c["deletion_alpha"]["acc_c"] for c in ex[1]["curves"]]

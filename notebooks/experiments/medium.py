@@ -25,7 +25,7 @@ Under torchrun (RANK in the environment; NCCL on CUDA, one GPU per LOCAL_RANK; g
 --bench prints alpha's size for torchvision's backbones (built on the meta device: nothing is
 allocated) and times one untraining step on a generated folder of 224 px images.
 """
-import argparse, os, statistics, sys, tempfile, time
+import argparse, copy, os, statistics, sys, tempfile, time
 from functools import partial
 from pathlib import Path
 
@@ -45,68 +45,34 @@ def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 # -----------------------------------------------------------------------------
-# image folders: torchvision's ImageFolder with the standard ImageNet transforms, read by DataLoader
-# workers. An object wfnet reads through its seam: wfnet.batches() calls .batches(), and
-# wfnet.evaluate() and explain() take subsets with folder[indices].
+# image folders: torchvision's ImageFolder with the standard ImageNet transforms, Datasets that wfnet
+# reads through a DataLoader (wfnet.LOADER: the workers, set in run()).
 
 
-class Folder:
-    def __init__(self, dataset, size, device, indices=None):
-        self.dataset, self.size, self.device = dataset, size, torch.device(device)
-        self.indices = torch.arange(len(dataset.samples)) if indices is None else indices
-        norm = [T.ToTensor(), T.Normalize(IMAGENET["mean"], IMAGENET["std"])]
-        self.train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
-        self.eval_tf = T.Compose([T.Resize(size * 8 // 7), T.CenterCrop(size), *norm])   # 256 -> 224
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, idx):                           # a subset, by positions in this one
-        return Folder(self.dataset, self.size, self.device, self.indices[torch.as_tensor(idx).cpu()])
-
-    def labels(self):
-        return torch.tensor(self.dataset.targets)[self.indices].to(self.device)
-
-    def batches(self, index_batches, augment=False):
-        tf = self.train_tf if augment else self.eval_tf
-        view = _Transformed(self.dataset, tf)
-        sampler = ([int(self.indices[j]) for j in idx.cpu()] for idx in index_batches)
-        loader = torch.utils.data.DataLoader(view, batch_sampler=sampler, pin_memory=self.device.type == "cuda",
-                                             num_workers=min(8, (os.cpu_count() or 2) // rank_world()[1]))
-        fmt = wfnet.memory_format(self.device)
-        for xb, yb in loader:
-            yield (xb.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
-                   yb.to(self.device, non_blocking=True))
-
-
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, dataset, tf):
-        self.dataset, self.tf = dataset, tf
-
-    def __len__(self):
-        return len(self.dataset.samples)
-
-    def __getitem__(self, i):
-        path, label = self.dataset.samples[i]
-        return self.tf(self.dataset.loader(path)), label
-
-
-def load_folder(root, size, device):
-    """wfnet.load_dataset's dict for <root>/train and <root>/val."""
+def load_folder(root, size):
+    """wfnet's data dict for <root>/train and <root>/val: Datasets with the evaluation's transform
+    (resize, center crop), and "augmented": the training images with the training's (crop, flip)."""
     root, out = Path(root), {}
+    norm = [T.ToTensor(), T.Normalize(IMAGENET["mean"], IMAGENET["std"])]
     for split, folder in (("train", "train"), ("test", "val")):
         try:
-            ds = torchvision.datasets.ImageFolder(root / folder)
+            out[split] = torchvision.datasets.ImageFolder(root / folder, T.Compose([T.Resize(size * 8 // 7),
+                                                                                  T.CenterCrop(size), *norm]))
         except (FileNotFoundError, OSError) as e:
             raise wfnet.WFError(f"{root / folder}: {str(e).splitlines()[0]} (--data-dir needs train/ and val/, "
                                 "one folder of images per class)") from None
-        x = Folder(ds, size, device)
-        out[split] = (x, x.labels())
-    if out["train"][0].dataset.classes != out["test"][0].dataset.classes:
+    if out["train"].classes != out["test"].classes:
         raise wfnet.WFError(f"{root}/train and {root}/val have different class folders")
-    names = out["train"][0].dataset.classes
-    out["spec"] = dict(IMAGENET, classes=len(names), names=names, size=size)
+    out["augmented"] = copy.copy(out["train"])            # the same samples, read with crop and flip
+    out["augmented"].transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    out["spec"] = dict(IMAGENET, classes=len(out["train"].classes), names=out["train"].classes, size=size)
     return out
+
+
+def use_workers(device):
+    """wfnet's DataLoaders: workers shared out over the processes, pinned memory on CUDA."""
+    wfnet.LOADER.update(num_workers=min(8, (os.cpu_count() or 2) // rank_world()[1]),
+                        pin_memory=torch.device(device).type == "cuda")
 
 # -----------------------------------------------------------------------------
 # torchvision's backbones, and the memory the untraining will need
@@ -175,7 +141,7 @@ def shared(row, classes):
 def original_model(cfg, data, out, dev):
     """(model, its settings): pretrained, reused from <out>/original.pt, or trained (DDP) and saved."""
     rank, world = rank_world()
-    spec, (x, y) = data["spec"], data["train"]
+    spec, images = data["spec"], data["augmented" if cfg["augment"] else "train"]
     meta = dict(num_classes=spec["classes"], image_size=cfg["image_size"], pretrained=cfg["pretrained"],
                 **{k: cfg[k] for k in wfnet.MADE_BY if k not in ("width", "stem_stride")})
     if cfg["pretrained"]:
@@ -190,10 +156,10 @@ def original_model(cfg, data, out, dev):
         return model.eval().requires_grad_(False), meta
     torch.manual_seed(cfg["seed"])                        # the same initial weights on every process
     model = make_model(cfg["arch"], spec["classes"], dev, image_size=cfg["image_size"])
-    share = torch.arange(len(y))[rank::world][:len(y) // world]   # equal shares: the same number of steps
+    share = list(range(len(images)))[rank::world][:len(images) // world]   # equal shares: the same steps
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0 = time.time()
-    wfnet.train_original(net, x[share], y[share.to(y.device)], spec, cfg["epochs"], cfg["batch_size"] // world,
+    wfnet.train_original(net, torch.utils.data.Subset(images, share), None, None, cfg["epochs"], cfg["batch_size"] // world,
                          cfg["lr"], cfg["weight_decay"], cfg["seed"] + rank, wfnet.autocast_for(dev),
                          cfg["progress"], cfg["optimizer"], cfg["augment"])
     if rank == 0:
@@ -205,7 +171,8 @@ def original_model(cfg, data, out, dev):
 def run(cfg):
     rank, world = rank_world()
     dev, out = torch.device(cfg["device"]), Path(cfg["out"])
-    data = load_folder(cfg["data_dir"], cfg["image_size"], dev)
+    data = load_folder(cfg["data_dir"], cfg["image_size"])
+    use_workers(dev)
     spec, nc = data["spec"], data["spec"]["classes"]
     if cfg["untrain_batch_size"] % (2 * world):
         raise wfnet.WFError(f"--untrain-batch-size {cfg['untrain_batch_size']} must split into {world} even shares")
@@ -230,7 +197,7 @@ def run(cfg):
         print(f"reusing the memory matrices from {out / 'wfnet.pt'}")
     else:
         t0 = time.time()
-        wfnet.untrain(wf, *data["train"], spec, **recipe, seed=cfg["seed"] + rank, progress=cfg["progress"],
+        wfnet.untrain(wf, data["train"], **recipe, seed=cfg["seed"] + rank, progress=cfg["progress"],
                       autocast=wfnet.autocast_for(dev), average=average if world > 1 else None)
         seconds = time.time() - t0
         if rank == 0:
@@ -290,12 +257,13 @@ def write_folder(root, classes=10, per_class=8, size=256):
 
 def step_time(arch, root, batch_size, steps, device):
     dev = torch.device(device)
-    data = load_folder(root, 224, dev)
+    data = load_folder(root, 224)
+    use_workers(dev)
     wf = wfnet.WFNet(make_model(arch, data["spec"]["classes"], dev), data["spec"]["classes"])
     times = []
     for n in (1, steps + 1):                              # one step alone: the warm-up and the loader's start
         t0 = time.perf_counter()
-        wfnet.untrain(wf, *data["train"], data["spec"], steps=n, batch_size=batch_size, progress=False,
+        wfnet.untrain(wf, data["train"], steps=n, batch_size=batch_size, progress=False,
                       autocast=wfnet.autocast_for(dev))
         if dev.type == "cuda":
             torch.cuda.synchronize()
