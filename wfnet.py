@@ -9,7 +9,7 @@ torchvision's backbones, torchrun) is notebooks/experiments/medium.py, which imp
     python wfnet.py                                   # quick Fashion-MNIST run on a 2-core CPU
     python wfnet.py --dataset cifar10 --device cuda   # the whole pipeline on one GPU
 """
-import argparse, contextlib, copy, hashlib, json, math, os, pickle, statistics, sys, time, warnings
+import argparse, contextlib, copy, hashlib, json, math, os, statistics, sys, time, warnings
 from functools import partial
 from pathlib import Path
 
@@ -53,22 +53,34 @@ DATASETS = {
 
 def load_dataset(name, data_dir="data", device="cpu"):
     """dict(train=(x, y), test=(x, y), spec=...): x uint8 images (N,C,H,W) and y int64 labels, on
-    the device; spec: the dataset's normalization, augmentation, class count and names."""
+    the device; spec: the dataset's normalization, augmentation, class names and source. Read from
+    <data_dir>/<tv>/tensors.pt, decoded once (data/image_tree.py writes it from a folder of images),
+    else by torchvision (downloading what is missing) and cached there."""
+    spec, cache = dict(DATASETS[name]), Path(data_dir) / DATASETS[name]["tv"] / "tensors.pt"
+    if not cache.is_file():
+        _decode(name, Path(data_dir), cache)
+    try:
+        saved = torch.load(cache, map_location=device, weights_only=True)
+    except Exception:                                     # unreadable, whatever torch raises for it
+        raise WFError(f"{cache} is not readable: delete it, and the dataset is decoded again") from None
+    spec.update(classes=len(saved["names"]), names=saved["names"], source=saved["source"])
+    return dict(spec=spec, train=saved["train"], test=saved["test"])
+
+def _decode(name, root, cache):                           # torchvision's files -> tensors.pt
     import torchvision
-    spec, root = dict(DATASETS[name]), Path(data_dir)
-    out = dict(spec=spec)
+    tv, splits = DATASETS[name]["tv"], {}
     for split in ("train", "test"):
         try:                                              # downloads only what is not there yet
-            ds = getattr(torchvision.datasets, spec["tv"])(str(root), train=split == "train", download=True)
+            ds = getattr(torchvision.datasets, tv)(str(root), train=split == "train", download=True)
         except (RuntimeError, OSError) as e:              # no network (URLError is an OSError), bad files
-            hint = " (Debian's copy: python data/fashion_mnist.py)" if name == "fashion-mnist" else ""
-            raise WFError(f"{name} not found in {root} and the download failed ({type(e).__name__}); "
-                          f"put torchvision's files under --data-dir{hint}") from None
+            raise WFError(f"{name} not found in {root} and the download failed ({type(e).__name__}): put "
+                          "torchvision's files under --data-dir, or see data/README.md") from None
         x = torch.as_tensor(ds.data)                      # MNIST: (N,H,W); CIFAR: (N,H,W,C)
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        out[split] = (x.contiguous().to(device), torch.as_tensor(ds.targets).long().to(device))
-    spec.update(classes=len(ds.classes), names=list(ds.classes))
-    return out
+        splits[split] = (x.contiguous(), torch.as_tensor(ds.targets).long())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    saved = dict(splits, names=list(ds.classes), source=f"torchvision's {tv} files")
+    _write(cache, lambda tmp: torch.save(saved, tmp))
 
 def transform(x, spec, augment=False, gen=None):
     """uint8 (B,C,H,W) -> normalized float (channels_last on CUDA); with augment: random crop, flip."""
@@ -99,16 +111,14 @@ def batches(x, y, spec, index_batches, augment=False, gen=None):
     for idx in index_batches:
         yield transform(x[idx.to(x.device)], spec, augment, gen), y[idx.to(y.device)]
 
-def labels(ds):
-    """A Dataset's labels: its `targets` (torchvision's), else read sample by sample."""
+def labels(ds):                                         # its `targets` (torchvision's), else read
     if isinstance(ds, torch.utils.data.Subset):
         return labels(ds.dataset)[torch.as_tensor(ds.indices)]
     targets = getattr(ds, "targets", None)
     return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))] if targets is None else targets)
 
 def _split(split, device):                                # (x, y), or a Dataset and its labels
-    is_dataset = isinstance(split, torch.utils.data.Dataset)
-    return (split, labels(split).to(device)) if is_dataset else split
+    return (split, labels(split).to(device)) if isinstance(split, torch.utils.data.Dataset) else split
 
 # -----------------------------------------------------------------------------
 # backbones: ResNet-18 with a 3x3 stem and no max-pool for 28/32 px (stride 1 is the CIFAR stem;
@@ -179,9 +189,7 @@ def _gate_hook(a, seen, module, inputs, y):               # Conv2d: units on dim
         seen[module] = y.shape[0]                         # the output's batch size, for _plan
     return _scale(y, a, module.bias, 1 if isinstance(module, nn.Conv2d) else -1)
 
-def _undoes_a_row_scale(m):
-    """True if halving every row of m's weight barely moves its output: a forward of its own that
-    normalizes each output unit's weight (weight standardization) undoes a row of alpha."""
+def _undoes_a_row_scale(m):   # halving m's weight barely moves its output: weight standardization
     w, conv = m.weight, isinstance(m, nn.Conv2d)
     if w.is_meta or type(m).forward in (nn.Conv2d.forward, nn.Linear.forward):
         return False
@@ -325,10 +333,9 @@ class WFNet(nn.Module):
                     m.forward = old
 
     def _plan(self, x):
-        """Once, on 2 samples of x with random rows: do gates on activations give the model with the
-        rows folded into its weights? Not where it reads a weight without calling the layer (Swin's
-        F.linear(x, qkv.weight)); then every weight is scaled itself. Returns (exact, whether one
-        pass takes a row per sample: exact, and the batch first in every gated output)."""
+        """Once, on 2 samples with random rows: do gates on activations give the weights scaled? Not
+        where a weight is read without calling its layer (Swin's F.linear(x, qkv.weight)): then every
+        weight is scaled. Returns (exact, one pass takes a row per sample: the batch first everywhere)."""
         if self.plan is None:
             xs, seen, g = x[torch.tensor([0, -1])], {}, torch.Generator().manual_seed(0)
             rows = [torch.rand(w.shape[0], generator=g).to(w) for w in self.weights]
@@ -446,10 +453,8 @@ def train_original(model, x, y, spec, epochs, batch_size=128, lr=0.1, weight_dec
         raise WFError(f"{epochs} epochs of batch {batch_size} on {n} training images make no step")
     groups = [dict(params=[p for p in model.parameters() if p.dim() > 1], weight_decay=weight_decay),
               dict(params=[p for p in model.parameters() if p.dim() <= 1], weight_decay=0)]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
-    else:
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    opt = (torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99)) if optimizer == "adamw" else
+           torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True))
     warm = max(1, int(0.2 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
@@ -643,17 +648,25 @@ def explain(wf, data, confusion=None, per_class=100, max_fraction=0.1, seed=0, c
                                                 for r in curves))
 
 def save_plots(wf, res, out, names):
-    """The run's two pictures: matrix.png (test accuracy, forgotten x true class) and alpha.png."""
+    """The run's two pictures: matrix.png (test accuracy, forgotten x true class) and alpha.png (every
+    filtered component per class, a tick where each layer's components begin)."""
     from matplotlib.figure import Figure                  # no pyplot: no backend, no window
     alpha = 100 * torch.cat([a.detach().float().cpu() for a in wf.alpha], 1)   # (N_c, sum K_l), %
-    pictures = dict(matrix=(torch.tensor(res["matrix_test"]), "test accuracy (%): forgotten class x true class"),
-                    alpha=(alpha, "alpha (%) of every filtered component, in order, per class (dark = off)"))
-    for name, (m, title) in pictures.items():
+    starts, shown = torch.tensor([0] + [a.shape[1] for a in wf.alpha]).cumsum(0)[:-1].tolist(), [0]
+    for i, k in enumerate(starts):                        # a layer's name where there is room for it
+        shown += [i] if k - starts[shown[-1]] > alpha.shape[1] / 30 else []
+    pictures = dict(matrix=(torch.tensor(res["matrix_test"]), "test accuracy (%)", "true class",
+                            (range(len(names)), names)),
+                    alpha=(alpha, "alpha (%) per class (dark = off)", "filtered layer (where its components begin)",
+                           ([starts[i] for i in shown], [wf.names[i].removesuffix(".weight") for i in shown])))
+    for name, (m, title, xlabel, xticks) in pictures.items():
         fig = Figure(figsize=(7, 6))
         ax = fig.subplots()
         fig.colorbar(ax.imshow(m.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=100), ax=ax)
+        ax.set_xticks(*xticks, fontsize=7, rotation=90)
         ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_title(title, fontsize=9)
+        ax.set_xticks(starts if name == "alpha" else [], minor=True)   # every layer's start
+        ax.set(title=title, xlabel=xlabel, ylabel="forgotten class")
         fig.tight_layout()
         _write(out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
@@ -685,7 +698,7 @@ def load_checkpoint(path):
         raise WFError(f"{path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError):   # truncated, not a zip, not weights only
+    except Exception:                                     # truncated, not a zip, not weights only: any error
         ckpt = None
     if not (isinstance(ckpt, dict) and {"meta", "state_dict"} <= ckpt.keys()):
         raise WFError(f"{path} is not a readable wfnet checkpoint (truncated or corrupt?); "
@@ -815,6 +828,7 @@ def run(cfg):
     check_recipe(**recipe)                                # before any training
     data = load_dataset(cfg["dataset"], cfg["data_dir"], dev)
     spec, nc = data["spec"], data["spec"]["classes"]
+    print(f"{cfg['dataset']}: {spec['source']}")
     out.mkdir(parents=True, exist_ok=True)
     model, meta, t_pre = original_model(cfg, data, out)
 
@@ -845,7 +859,7 @@ def run(cfg):
                              autocast=autocast)
     times = dict(pretrain=t_pre, untrain=wf_ckpt["meta"]["untrain_seconds"], evaluate=t_ev, explain=time.time() - t0)
     res.update(config={k: v for k, v in cfg.items() if k != "progress"}, original_made_by=meta,
-               class_names=spec["names"], times_s=times, torch=torch.__version__, device=str(dev),
+               class_names=spec["names"], data_source=spec["source"], times_s=times, torch=torch.__version__, device=str(dev),
                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
     write_json(out / "results.json", res)
     save_plots(wf, res, out, spec["names"])
@@ -855,10 +869,10 @@ def run(cfg):
     return res
 
 def _print_table(res, names):
-    m, ex = res["mean"], res["explain"]
-    cols = ["acc_f_test", "acc_r_test", "orig_acc_r_test", "acc_f_train", "acc_r_train", "zrf", "mia_efficacy"]
-    print(f"original model: test {res['original']['test_acc']:.2f}%, train {res['original']['train_acc']:.2f}%")
-    print(f"{'forgotten class':>15} " + " ".join(f"{c:>15}" for c in cols))
+    m, ex, cols = res["mean"], res["explain"], ["acc_f_test", "acc_r_test", "orig_acc_r_test", "acc_f_train",
+                                                "acc_r_train", "zrf", "mia_efficacy"]
+    print(f"original model: test {res['original']['test_acc']:.2f}%, train {res['original']['train_acc']:.2f}%\n"
+          f"{'forgotten class':>15} " + " ".join(f"{c:>15}" for c in cols))
     for name, r in [(names[r["cls"]], r) for r in res["per_class"]] + [("mean", m)]:
         print(f"{name[:15]:>15} " + " ".join(f"{r[c]:>15.3f}" for c in cols))
     print(f"mean Acc_r drop vs the original on the same samples: {m['acc_r_drop_test']:.2f} points (acc in %; "
