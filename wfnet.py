@@ -62,7 +62,7 @@ def load_dataset(name, data_dir="data", device="cpu"):
     try:
         saved = torch.load(cache, map_location=device, weights_only=True)
     except Exception:                                     # unreadable, whatever torch raises for it
-        raise WFError(f"{cache} is not readable: delete it, and the dataset is decoded again") from None
+        raise WFError(f"{cache} is not readable: delete it to decode the dataset again") from None
     spec.update(classes=len(saved["names"]), names=saved["names"], source=saved["source"])
     return dict(spec=spec, train=saved["train"], test=saved["test"])
 
@@ -73,8 +73,8 @@ def _decode(name, root, cache):                           # torchvision's files 
         try:                                              # downloads only what is not there yet
             ds = getattr(torchvision.datasets, tv)(str(root), train=split == "train", download=True)
         except (RuntimeError, OSError) as e:              # no network (URLError is an OSError), bad files
-            raise WFError(f"{name} not found in {root} and the download failed ({type(e).__name__}): put "
-                          "torchvision's files under --data-dir, or see data/README.md") from None
+            raise WFError(f"{name} not found in {root} and the download failed ({type(e).__name__}): "
+                          "put torchvision's files under --data-dir, or see data/README.md") from None
         x = torch.as_tensor(ds.data)                      # MNIST: (N,H,W); CIFAR: (N,H,W,C)
         x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
         splits[split] = (x.contiguous(), torch.as_tensor(ds.targets).long())
@@ -657,8 +657,8 @@ def save_plots(wf, res, out, names):
         shown += [i] if k - starts[shown[-1]] > alpha.shape[1] / 30 else []
     pictures = dict(matrix=(torch.tensor(res["matrix_test"]), "test accuracy (%)", "true class",
                             (range(len(names)), names)),
-                    alpha=(alpha, "alpha (%) per class (dark = off)", "filtered layer (where its components begin)",
-                           ([starts[i] for i in shown], [wf.names[i].removesuffix(".weight") for i in shown])))
+                    alpha=(alpha, "alpha (%) per class (dark = off)", "filtered layer (where it begins)",
+                           ([starts[i] for i in shown], [wf.names[i][:-7] for i in shown])))   # no ".weight"
     for name, (m, title, xlabel, xticks) in pictures.items():
         fig = Figure(figsize=(7, 6))
         ax = fig.subplots()
@@ -698,7 +698,7 @@ def load_checkpoint(path):
         raise WFError(f"{path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:                                     # truncated, not a zip, not weights only: any error
+    except Exception:                                     # truncated, not a zip, not weights only
         ckpt = None
     if not (isinstance(ckpt, dict) and {"meta", "state_dict"} <= ckpt.keys()):
         raise WFError(f"{path} is not a readable wfnet checkpoint (truncated or corrupt?); "
@@ -859,7 +859,8 @@ def run(cfg):
                              autocast=autocast)
     times = dict(pretrain=t_pre, untrain=wf_ckpt["meta"]["untrain_seconds"], evaluate=t_ev, explain=time.time() - t0)
     res.update(config={k: v for k, v in cfg.items() if k != "progress"}, original_made_by=meta,
-               class_names=spec["names"], data_source=spec["source"], times_s=times, torch=torch.__version__, device=str(dev),
+               class_names=spec["names"], data_source=spec["source"], times_s=times,
+               torch=torch.__version__, device=str(dev),
                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
     write_json(out / "results.json", res)
     save_plots(wf, res, out, spec["names"])
